@@ -1,0 +1,3 @@
+from s3mount.cli import main
+
+raise SystemExit(main())

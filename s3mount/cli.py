@@ -1,0 +1,138 @@
+"""The ``s3mount`` command: argument parsing, error reporting, and dispatch.
+
+``s3mount BUCKET[:PREFIX] MOUNTPOINT`` mounts; ``s3mount COMMAND ...`` runs a bucket or object
+command.  Any failure becomes one line on stderr and a non-zero exit (a traceback only with
+``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from s3mount import __version__
+from s3mount.objects_cli import EXIT_FAILED, EXIT_USAGE, add_object_commands
+from s3mount.storage import ConnectionSettings, RetryPolicy, Storage, StorageError
+
+BUCKET_ENV = "S3MOUNT_BUCKET"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options accepted before or after the command name (defaults applied later)."""
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("connection")
+    g.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (default: AWS)")
+    g.add_argument("--region", help="region (default: from the profile or environment)")
+    g.add_argument("--profile", help="named profile of the shared AWS config files")
+    g.add_argument(
+        "--path-style", action="store_true", help="path-style addressing (http://host/bucket/key)"
+    )
+    g.add_argument("--no-verify-ssl", action="store_true", help="do not check TLS certificates")
+    g.add_argument("--ca-bundle", metavar="FILE", help="CA certificates to verify TLS with")
+    g.add_argument(
+        "--retries", type=int, metavar="N", help="attempts per request, the first included (5)"
+    )
+    g.add_argument(
+        "--bucket",
+        "-b",
+        metavar="NAME",
+        help=f"the bucket to work on (default: ${BUCKET_ENV})",
+    )
+    g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="s3mount",
+        parents=[common],
+        description="Mount an S3 bucket as a directory (s3mount BUCKET[:PREFIX] MOUNTPOINT), "
+        "or run a bucket/object command.",
+    )
+    parser.add_argument("--version", action="version", version=f"s3mount {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_object_commands(sub, common)
+
+    p = sub.add_parser(
+        "local-server",
+        parents=[common],
+        help="run an embedded local S3 endpoint (moto) for trying s3mount out",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_local_server, needs_storage=False)
+    return parser
+
+
+def _cmd_local_server(args: argparse.Namespace, _st: None) -> int:
+    from s3mount.localserver import serve_forever
+
+    serve_forever(args.host, args.port)
+    return 0
+
+
+def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
+    verify: bool | str = True
+    if getattr(args, "no_verify_ssl", False):
+        verify = False
+    elif getattr(args, "ca_bundle", None):
+        verify = args.ca_bundle
+    retries = getattr(args, "retries", None)
+    if retries is not None and retries < 1:
+        raise UsageError("--retries must be at least 1")
+    return ConnectionSettings(
+        endpoint_url=getattr(args, "endpoint_url", None),
+        region=getattr(args, "region", None),
+        profile=getattr(args, "profile", None),
+        path_style=getattr(args, "path_style", False),
+        verify=verify,
+        retry=RetryPolicy(attempts=retries) if retries else RetryPolicy(),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="s3mount: %(levelname)s: %(message)s",
+    )
+    if not debug:
+        for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not getattr(args, "command", None):
+        parser.print_usage(sys.stderr)
+        print("s3mount: error: a command is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        storage = None
+        if args.needs_storage:
+            args.bucket = getattr(args, "bucket", None) or os.environ.get(BUCKET_ENV) or None
+            storage = Storage(connection_settings(args), default_bucket=args.bucket)
+        return args.func(args, storage)
+    except UsageError as exc:
+        print(f"s3mount: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StorageError as exc:
+        if debug:
+            logging.exception("failed")
+        print(f"s3mount: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("s3mount: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        print(f"s3mount: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
