@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (installing what it needs first). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S3MOUNT_EXTRA_APT="${S3MOUNT_EXTRA_APT:-} rsync sqlite3 git" bash scripts/bootstrap.sh
+.venv/bin/ruff check s3mount tests bench
+exec .venv/bin/python -m pytest -q "$@"
