@@ -14,7 +14,18 @@ import sys
 from collections.abc import Sequence
 
 from s3mount import __version__
-from s3mount.objects_cli import EXIT_FAILED, EXIT_USAGE, add_object_commands
+from s3mount.mount_cli import (
+    READY,
+    MountUsageError,
+    add_mount_commands,
+    apply_o_options,
+    daemonize,
+    default_cache_dir,
+    parse_source,
+    setup_daemon_logging,
+    transfer_settings,
+)
+from s3mount.objects_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_object_commands
 from s3mount.storage import ConnectionSettings, RetryPolicy, Storage, StorageError
 
 BUCKET_ENV = "S3MOUNT_BUCKET"
@@ -61,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_object_commands(sub, common)
 
+    add_mount_commands(sub, common, _cmd_mount)
+
     p = sub.add_parser(
         "local-server",
         parents=[common],
@@ -77,6 +90,86 @@ def _cmd_local_server(args: argparse.Namespace, _st: None) -> int:
 
     serve_forever(args.host, args.port)
     return 0
+
+
+def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
+    import trio
+
+    from s3mount.daemon import MountConfig, MountError, serve
+    from s3mount.fuse_ops import MountOptions
+
+    defaults = {a.dest: a.default for a in _mount_parser_actions()}
+    apply_o_options(args, defaults)
+    bucket, prefix = parse_source(args.source)
+    mountpoint = os.path.abspath(args.mountpoint)
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(bucket, prefix))
+    log_file = args.log_file or os.path.join(cache_dir, "s3mount.log")
+    if not args.foreground:
+        return daemonize(args.argv, log_file)
+    setup_daemon_logging("DEBUG" if getattr(args, "debug", False) else args.log_level)
+    mopts = MountOptions(
+        uid=os.getuid() if args.uid is None else args.uid,
+        gid=os.getgid() if args.gid is None else args.gid,
+        umask=0o022 if args.umask is None else args.umask,
+        attr_timeout=args.attr_timeout,
+        entry_timeout=args.attr_timeout,
+        negative_timeout=args.negative_timeout,
+    )
+    cfg = MountConfig(
+        bucket=bucket,
+        prefix=prefix,
+        mountpoint=mountpoint,
+        connection=connection_settings(args),
+        transfer=transfer_settings(args.part_size),
+        cache_dir=cache_dir,
+        read_only=args.read_only,
+        allow_other=args.allow_other,
+        options=mopts,
+        listing_ttl=args.listing_ttl,
+        key_sync_timeout=args.key_sync_timeout,
+        threads=args.threads,
+    )
+    ready_fd = args.ready_fd
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+    try:
+        trio.run(serve, cfg, on_ready)
+    except MountError as exc:
+        msg = f"s3mount: error: {exc}"
+        if ready_fd is not None:
+            os.write(ready_fd, str(exc).encode() + b"\n")
+        print(msg, file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _mount_parser_actions() -> list[argparse.Action]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    mount = sub.choices["mount"]
+    return [a for a in mount._actions if a.dest != "help"]
+
+
+def _with_mount_command(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``s3mount BUCKET MNT ...`` is short for ``s3mount mount BUCKET MNT ...``."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    takes_value = {opt for a in parser._actions if a.nargs != 0 for opt in a.option_strings}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            break
+        if tok.startswith("-"):
+            i += 2 if tok in takes_value else 1
+            continue
+        if tok not in sub.choices:
+            return [*argv[:i], "mount", *argv[i:]]
+        break
+    return argv
 
 
 def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
@@ -101,7 +194,9 @@ def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    argv = _with_mount_command(argv, parser)
     args = parser.parse_args(argv)
+    args.argv = argv
     debug = getattr(args, "debug", False)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -120,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.bucket = getattr(args, "bucket", None) or os.environ.get(BUCKET_ENV) or None
             storage = Storage(connection_settings(args), default_bucket=args.bucket)
         return args.func(args, storage)
-    except UsageError as exc:
+    except (UsageError, MountUsageError) as exc:
         print(f"s3mount: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StorageError as exc:
@@ -128,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.exception("failed")
         print(f"s3mount: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("s3mount: interrupted", file=sys.stderr)
         return 130

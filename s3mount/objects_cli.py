@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from s3mount.storage import (
+    BucketNotFound,
     InvalidName,
     LocalFileError,
     NotFound,
@@ -261,7 +262,11 @@ def cmd_update_metadata(args: argparse.Namespace, st: Storage) -> int:
 
 
 def cmd_exists(args: argparse.Namespace, st: Storage) -> int:
-    found, _info = st.exists(remote(args.key, args.bucket))
+    name = remote(args.key, args.bucket)
+    found, _info = st.exists(name)
+    if not found and not st.bucket_exists(name.bucket):
+        # A HEAD of a key can't tell a missing key from a missing bucket: ask the bucket.
+        raise BucketNotFound(f"s3://{name.bucket or st.default_bucket}: bucket does not exist")
     return EXIT_OK if found else EXIT_NO
 
 

@@ -326,11 +326,7 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 def check_bucket_name(name: str) -> None:
     """Refuse names S3 will not create: 3-63 lowercase letters, digits, '.', '-'."""
-    if (
-        not _BUCKET_NAME.match(name)
-        or ".." in name
-        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name)
-    ):
+    if not _BUCKET_NAME.match(name) or ".." in name or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
         raise InvalidName(
             f"{name!r} is not a valid bucket name (3-63 characters: lowercase letters, "
             "digits, '.' and '-', starting and ending with a letter or digit)"
@@ -391,15 +387,15 @@ class RequestCounter:
 
     def _before_send(self, request: Any, **kwargs: Any) -> None:
         name = kwargs.get("event_name", "").rsplit(".", 1)[-1] or "Unknown"
-        body = request.body
-        size = len(body) if isinstance(body, bytes | bytearray) else 0
         with self._lock:
             self.requests[name] += 1
-            self.bytes_out += size
 
-    def add_bytes_in(self, n: int) -> None:
+    def add_bytes(self, n: int, outgoing: bool) -> None:
         with self._lock:
-            self.bytes_in += n
+            if outgoing:
+                self.bytes_out += n
+            else:
+                self.bytes_in += n
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -728,9 +724,15 @@ class Storage:
         b, k = self._where(remote_name)
         info = self.head(remote_name)
         directory = os.path.dirname(os.path.abspath(local_name))
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(local_name)}.", suffix=".part", dir=directory
-        )
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(local_name)}.", suffix=".part", dir=directory
+            )
+        except OSError as exc:  # e.g. the directory does not exist
+            code = exc.errno or errno.EIO
+            raise LocalFileError(
+                f"get s3://{b}/{k}: {os.strerror(code)} ({local_name})", code
+            ) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 self.read_stream(remote_name, f, info=info, progress=progress)
@@ -804,7 +806,7 @@ class Storage:
             raise _classify(exc, what) from None
         except Exception as exc:
             raise _classify(exc, what) from None
-        self.counter.add_bytes_in(len(data))
+        self.counter.add_bytes(len(data), outgoing=False)
         return data
 
     def write(
@@ -883,8 +885,7 @@ class Storage:
         self, progress: ProgressCallback | None, outgoing: bool = False
     ) -> ProgressCallback:
         def callback(n: int) -> None:
-            if not outgoing:
-                self.counter.add_bytes_in(n)
+            self.counter.add_bytes(n, outgoing)
             if progress:
                 progress(n)
 
@@ -897,10 +898,25 @@ class Storage:
         src: S3Name | str,
         dst: S3Name | str,
         options: WriteOptions | None = None,
+        size: int | None = None,
     ) -> ObjectInfo:
-        """Server-side copy.  Without ``options`` the metadata is copied with the data."""
+        """Server-side copy.  Without ``options`` the metadata is copied with the data.
+
+        With the source's ``size`` known, a small object costs one request.
+        """
         sb, sk = self._where(src)
         db, dk = self._where(dst)
+        if size is not None and size <= self.transfer.copy_threshold:
+            # One CopyObject: its answer tells the new ETag and time.
+            r = self._copy(sb, sk, db, dk, size, options)
+            result = r.get("CopyObjectResult", {})
+            return ObjectInfo(
+                key=dk,
+                size=size,
+                last_modified=result.get("LastModified") or datetime.now().astimezone(),
+                etag=str(result.get("ETag", "")).strip('"'),
+                version_id=r.get("VersionId"),
+            )
         info = self.head(src)
         self._copy(sb, sk, db, dk, info.size, options, if_match=info.etag)
         return self.head(dst)
@@ -914,7 +930,7 @@ class Storage:
         size: int,
         options: WriteOptions | None,
         if_match: str | None = None,
-    ) -> None:
+    ) -> dict[str, Any]:
         what = f"copy s3://{sb}/{sk} to s3://{db}/{dk}"
         extra: dict[str, Any] = {}
         if options is not None:
@@ -924,7 +940,7 @@ class Storage:
             if size <= self.transfer.copy_threshold:
                 if if_match:
                     extra["CopySourceIfMatch"] = f'"{if_match}"'
-                self._client.copy_object(
+                return self._client.copy_object(
                     CopySource={"Bucket": sb, "Key": sk}, Bucket=db, Key=dk, **extra
                 )
             else:
@@ -942,6 +958,7 @@ class Storage:
                     ExtraArgs=extra,
                     Config=self._transfer_config(size),
                 )
+                return {}
         except Exception as exc:
             raise _classify(exc, what) from None
 

@@ -1,0 +1,176 @@
+"""The write-back temp-file cache.
+
+An open file is a :class:`CachedFile`: a sparse local temporary file plus the set of blocks of
+it that hold the object's data.  Blocks come from S3 only when a read needs them (ranged GETs
+pinned to the object's ETag, with sequential readahead) or when a write covers part of a block.
+Writes land in the local file and mark it dirty; the S3FS uploads it on flush/fsync/close.
+All state changes happen in the trio thread; only the S3 fetches run in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from s3mount.core.errors import first_leaf
+from s3mount.storage import MiB
+
+BLOCK = 1 * MiB
+MAX_READAHEAD = 32 * MiB
+FETCH_PART = 8 * MiB
+
+Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
+
+
+class CachedFile:
+    """Local state of one object while it is open (shared by all handles on it)."""
+
+    def __init__(self, path: str, fd: int, key: str, size: int, etag: str | None, fetch: Fetcher):
+        self.path = path
+        self.fd = fd
+        self.key = key
+        self.size = size
+        # Bytes below fetch_limit that are not in `present` still have to come from the object
+        # version `etag`; above it the local file is the truth (zeros where never written).
+        self.fetch_limit = size
+        self.etag = etag
+        self.present: set[int] = set()
+        self._inflight: dict[int, trio.Event] = {}
+        self._fetch = fetch
+        self.dirty = False
+        self.generation = 0  # bumped by every change; an upload clears `dirty` only if unchanged
+        self.open_count = 0
+        self.unlinked = False
+        self.upload_lock = trio.Lock()
+        self.mtime: float | None = None
+        os.ftruncate(fd, size)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _missing_blocks(self, start: int, end: int) -> list[int]:
+        end = min(end, self.fetch_limit)
+        if end <= start:
+            return []
+        return [b for b in range(start // BLOCK, (end - 1) // BLOCK + 1) if b not in self.present]
+
+    async def ensure(self, start: int, end: int) -> None:
+        """Make bytes [start, end) of the object present in the local file."""
+        while True:
+            missing = self._missing_blocks(start, end)
+            if not missing:
+                return
+            waiting = [self._inflight[b] for b in missing if b in self._inflight]
+            todo = [b for b in missing if b not in self._inflight]
+            if todo:
+                await self._fetch_blocks(todo)
+            elif waiting:
+                await waiting[0].wait()
+
+    async def _fetch_blocks(self, blocks: list[int]) -> None:
+        runs: list[tuple[int, int]] = []  # (first block, count), each at most FETCH_PART long
+        for b in blocks:
+            if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] * BLOCK < FETCH_PART:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        events = {b: trio.Event() for b in blocks}
+        self._inflight.update(events)
+        try:
+            async with trio.open_nursery() as nursery:
+                for first, count in runs:
+                    nursery.start_soon(self._fetch_run, first, count)
+        except ExceptionGroup as group:
+            raise first_leaf(group) from None
+        finally:
+            for b, ev in events.items():
+                self._inflight.pop(b, None)
+                ev.set()
+
+    async def _fetch_run(self, first: int, count: int) -> None:
+        start = first * BLOCK
+        length = min(count * BLOCK, self.fetch_limit - start)
+        if length <= 0:
+            return
+        etag = self.etag
+        data = await self._fetch(start, length, etag)
+        # Store what arrived, except blocks written (or truncated away) meanwhile.
+        for i in range(count):
+            b = first + i
+            if b in self.present:
+                continue
+            lo = i * BLOCK
+            hi = min(lo + BLOCK, len(data), self.fetch_limit - start)
+            if hi > lo:
+                os.pwrite(self.fd, data[lo:hi], start + lo)
+            self.present.add(b)
+
+    async def read(self, off: int, size: int, readahead: int = 0) -> bytes:
+        end = min(off + size, self.size)
+        if end <= off:
+            return b""
+        await self.ensure(off, min(end + readahead, self.size))
+        return os.pread(self.fd, end - off, off)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(self, off: int, data: bytes) -> int:
+        end = off + len(data)
+        # Only blocks the write covers partially need their old bytes.
+        edges = {off // BLOCK, (end - 1) // BLOCK} if data else set()
+        for b in sorted(edges):
+            bstart, bend = b * BLOCK, (b + 1) * BLOCK
+            if off <= bstart and end >= bend:
+                continue
+            await self.ensure(bstart, bend)
+        n = os.pwrite(self.fd, data, off)
+        if data:
+            self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
+        self.size = max(self.size, off + n)
+        self._changed()
+        return n
+
+    async def truncate(self, size: int) -> None:
+        if size < self.fetch_limit and size % BLOCK:
+            await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
+        self.fetch_limit = min(self.fetch_limit, size)
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self._changed()
+
+    def _changed(self) -> None:
+        self.dirty = True
+        self.generation += 1
+
+    def uploaded(self, generation: int, etag: str) -> None:
+        """The object now holds the local file as of ``generation`` (which was all present)."""
+        self.etag = etag
+        self.fetch_limit = 0
+        if self.generation == generation:
+            self.dirty = False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class FileCache:
+    """The open files, by key, backed by temp files in one private directory."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self.directory = directory
+        self.files: dict[str, CachedFile] = {}
+
+    def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
+        fd, path = tempfile.mkstemp(prefix="open-", dir=self.directory)  # mode 0600
+        return CachedFile(path, fd, key, size, etag, fetch)
+
+    def dirty_bytes(self) -> int:
+        return sum(f.size for f in self.files.values() if f.dirty)

@@ -1,0 +1,148 @@
+"""The mount daemon's lifecycle: wire the layers, mount, serve, and shut down cleanly.
+
+Every background task of the daemon is started and stopped here.  Shutdown (unmount by
+``fusermount3 -u``/``s3mount unmount``, SIGTERM or SIGINT) uploads all dirty data before the
+process exits.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from s3mount.core import S3FS
+from s3mount.fuse_ops import MountOptions, Operations
+from s3mount.storage import ConnectionSettings, Storage, StorageError, TransferSettings
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """The mount could not start; the message is one line for the user."""
+
+
+@dataclass
+class MountConfig:
+    bucket: str
+    mountpoint: str
+    prefix: str = ""
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    cache_dir: str = ""
+    read_only: bool = False
+    allow_other: bool = False
+    options: MountOptions = field(default_factory=MountOptions)
+    listing_ttl: float = 10.0
+    key_sync_timeout: float | None = 1.0
+    threads: int = 16
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """A dead FUSE daemon leaves 'Transport endpoint is not connected': unmount it."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise MountError(f"{mountpoint}: {os.strerror(exc.errno or errno.EIO)}") from None
+        log.warning("%s: clearing the stale mount of a dead daemon", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False, capture_output=True)
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    clear_stale_mount(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint}: something is already mounted there")
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {f"fsname=s3mount:{cfg.bucket}", "subtype=s3mount", "noatime"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.read_only:
+        opts.add("ro")
+    return opts
+
+
+async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted or signalled; then upload dirty data and return."""
+    check_mountpoint(cfg.mountpoint)
+    storage = Storage(cfg.connection, default_bucket=cfg.bucket, transfer=cfg.transfer)
+    try:
+        if not await trio.to_thread.run_sync(storage.bucket_exists, cfg.bucket):
+            raise MountError(f"bucket {cfg.bucket} does not exist")
+    except StorageError as exc:
+        raise MountError(str(exc)) from None
+    fs = S3FS(
+        cfg.bucket,
+        cfg.prefix,
+        storage,
+        key_sync_timeout=cfg.key_sync_timeout,
+        cache_dir=cfg.cache_dir,
+        listing_ttl=cfg.listing_ttl,
+        threads=cfg.threads,
+        read_only=cfg.read_only,
+    )
+    started = time.time()
+
+    def status() -> dict:
+        counters = storage.counter.snapshot()
+        return {
+            "pid": os.getpid(),
+            "bucket": cfg.bucket,
+            "prefix": cfg.prefix,
+            "mountpoint": cfg.mountpoint,
+            "uptime": round(time.time() - started, 1),
+            "requests": counters["requests"],
+            "bytes_in": counters["bytes_in"],
+            "bytes_out": counters["bytes_out"],
+            "open_files": len(fs.files.files),
+            "dirty_files": sum(1 for f in fs.files.files.values() if f.dirty),
+            "dirty_bytes": fs.files.dirty_bytes(),
+            "cache_dir": cfg.cache_dir,
+        }
+
+    ops = Operations(fs, cfg.options, status=status)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
+    except RuntimeError as exc:
+        raise MountError(f"{cfg.mountpoint}: cannot mount: {exc}") from None
+    log.info("mounted s3://%s/%s on %s", cfg.bucket, cfg.prefix, cfg.mountpoint)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def fuse_main() -> None:
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()  # unmounted: stop the other tasks
+
+            nursery.start_soon(fuse_main)
+            nursery.start_soon(_stop_on_signals)
+            await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
+            on_ready()
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await fs.sync()
+            except Exception as exc:  # already logged with the key; data kept locally
+                log.error("some dirty data could not be uploaded at unmount: %s", exc)
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", cfg.mountpoint)
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
