@@ -143,3 +143,81 @@ def run_cli(
         timeout=timeout,
         env=full_env,
     )
+
+
+class Mount:
+    """A real s3mount mount of a bucket, started through the CLI as a user would."""
+
+    def __init__(self, endpoint: str, bucket: str, path: Path, cache: Path, *options: str):
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.path = path
+        self.cache = cache
+        self.options = list(options)
+        self.pid: int | None = None
+
+    def mount(self) -> Mount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        r = run_cli(
+            "--endpoint-url",
+            self.endpoint,
+            self.bucket,
+            str(self.path),
+            "--cache-dir",
+            str(self.cache),
+            *self.options,
+        )
+        assert r.returncode == 0, r.stderr
+        self.pid = self.status()["pid"]
+        return self
+
+    def status(self) -> dict:
+        r = run_cli("status", "--json", str(self.path))
+        assert r.returncode == 0, r.stderr
+        import json
+
+        return json.loads(r.stdout)
+
+    def requests(self) -> dict[str, int]:
+        return self.status()["requests"]
+
+    def unmount(self) -> None:
+        r = run_cli("unmount", str(self.path))
+        assert r.returncode == 0, r.stderr
+        self.pid = None
+
+    def cleanup(self) -> None:
+        """Whatever happened: no mount and no daemon left behind."""
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+            self.pid = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+
+@pytest.fixture
+def mount_factory(s3_server: MotoServer, tmp_path: Path) -> Iterator:
+    """mount_factory(bucket, *options) -> Mount (mounted); all are cleaned up at the end."""
+    mounts: list[Mount] = []
+
+    def make(bucket: str, *options: str, name: str = "mnt") -> Mount:
+        m = Mount(s3_server.endpoint, bucket, tmp_path / name, tmp_path / f"{name}-cache", *options)
+        mounts.append(m)
+        return m.mount()
+
+    yield make
+    for m in mounts:
+        m.cleanup()
+
+
+@pytest.fixture
+def mnt(mount_factory, bucket: str) -> Mount:
+    """A mount of a fresh bucket with short TTLs."""
+    return mount_factory(bucket, "--listing-ttl", "1", "--attr-timeout", "0.5")

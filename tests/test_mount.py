@@ -1,0 +1,257 @@
+"""The mount, for real: FUSE, a moto server process, and plain syscalls as programs make them."""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import Mount
+
+from s3mount.storage import Storage
+
+
+def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
+    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_keys(storage: Storage, bucket: str) -> set[str]:
+    return {k.key for k in storage.bucket_list_keys(bucket)}
+
+
+def test_create_read_overwrite_append_truncate(mnt: Mount, storage: Storage) -> None:
+    p = mnt / "notes.txt"
+    p.write_bytes(b"first version\n")
+    assert p.read_bytes() == b"first version\n"
+    assert s3_bytes(storage, mnt.bucket, "notes.txt") == b"first version\n"
+
+    p.write_bytes(b"second\n")  # O_TRUNC over an existing object
+    assert s3_bytes(storage, mnt.bucket, "notes.txt") == b"second\n"
+
+    with open(p, "ab") as f:
+        f.write(b"appended\n")
+    assert s3_bytes(storage, mnt.bucket, "notes.txt") == b"second\nappended\n"
+
+    os.truncate(p, 3)
+    assert p.read_bytes() == b"sec"
+    assert s3_bytes(storage, mnt.bucket, "notes.txt") == b"sec"
+    os.truncate(p, 6)
+    assert s3_bytes(storage, mnt.bucket, "notes.txt") == b"sec\0\0\0"
+    assert os.stat(p).st_size == 6
+
+
+def test_random_write_into_multipart_object(mount_factory, bucket: str, storage: Storage) -> None:
+    data = bytearray(os.urandom(18 * 1024 * 1024))
+    m = mount_factory(bucket, "--part-size", "5")
+    p = m / "big.bin"
+    p.write_bytes(data)
+    etag = storage.client.head_object(Bucket=bucket, Key="big.bin")["ETag"]
+    assert "-" in etag, "expected a multipart upload"
+
+    before = m.status()["bytes_in"]
+    with open(p, "r+b") as f:
+        f.seek(9 * 1024 * 1024 + 123)
+        f.write(b"PATCHED" * 100)
+        # Before the upload, only the blocks the write touches came from S3.
+        assert m.status()["bytes_in"] - before <= 2 * 1024 * 1024
+    data[9 * 1024 * 1024 + 123 : 9 * 1024 * 1024 + 823] = b"PATCHED" * 100
+    assert s3_bytes(storage, bucket, "big.bin") == bytes(data)
+    assert p.read_bytes() == bytes(data)
+
+
+def test_cp_tree_and_diff(mnt: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(5):
+        d = src / f"d{i}" / "sub"
+        d.mkdir(parents=True)
+        (d / "file.txt").write_text(f"content {i}\n" * (i * 100 + 1))
+        (src / f"d{i}" / "empty").write_bytes(b"")
+    (src / "top.bin").write_bytes(os.urandom(300_000))
+    subprocess.run(["cp", "-r", str(src), str(mnt / "tree")], check=True)
+    out = tmp_path / "back"
+    subprocess.run(["cp", "-r", str(mnt / "tree"), str(out)], check=True)
+    r = subprocess.run(["diff", "-r", str(src), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_rename_file_and_directory(mnt: Mount, storage: Storage) -> None:
+    (mnt / "a.txt").write_text("A")
+    os.rename(mnt / "a.txt", mnt / "b.txt")
+    assert not (mnt / "a.txt").exists()
+    assert (mnt / "b.txt").read_text() == "A"
+
+    (mnt / "dir" / "sub").mkdir(parents=True)
+    (mnt / "dir" / "one").write_text("1")
+    (mnt / "dir" / "sub" / "two").write_text("2")
+    os.rename(mnt / "dir", mnt / "moved")
+    assert sorted(os.listdir(mnt / "moved")) == ["one", "sub"]
+    assert (mnt / "moved" / "sub" / "two").read_text() == "2"
+    assert not (mnt / "dir").exists()
+    keys = s3_keys(storage, mnt.bucket)
+    assert {"moved/one", "moved/sub/two"} <= keys
+    assert not any(k.startswith("dir/") for k in keys)
+
+    # rename over an existing file replaces it
+    (mnt / "c.txt").write_text("C")
+    os.replace(mnt / "b.txt", mnt / "c.txt")
+    assert (mnt / "c.txt").read_text() == "A"
+
+
+def test_rename_noreplace_and_exchange(mnt: Mount) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    (mnt / "x").write_text("x")
+    (mnt / "y").write_text("y")
+    AT_FDCWD, RENAME_NOREPLACE, RENAME_EXCHANGE = -100, 1, 2
+    for flag, expected in ((RENAME_NOREPLACE, errno.EEXIST), (RENAME_EXCHANGE, errno.EINVAL)):
+        rc = libc.renameat2(AT_FDCWD, bytes(mnt / "x"), AT_FDCWD, bytes(mnt / "y"), flag)
+        assert rc == -1 and ctypes.get_errno() == expected
+    assert (mnt / "x").read_text() == "x" and (mnt / "y").read_text() == "y"
+
+
+def test_mkdir_rmdir_enotempty(mnt: Mount, storage: Storage) -> None:
+    os.mkdir(mnt / "d")
+    assert "d/" in s3_keys(storage, mnt.bucket)
+    (mnt / "d" / "f").write_text("f")
+    with pytest.raises(OSError) as e:
+        os.rmdir(mnt / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(mnt / "d" / "f")
+    os.rmdir(mnt / "d")
+    assert not (mnt / "d").exists()
+    assert s3_keys(storage, mnt.bucket) == set()
+    with pytest.raises(FileExistsError):
+        os.mkdir(mnt)
+
+
+def test_unlink_while_open(mnt: Mount, storage: Storage) -> None:
+    p = mnt / "tmpfile"
+    p.write_bytes(b"keep reading me")
+    with open(p, "rb") as f:
+        os.unlink(p)
+        assert not p.exists()
+        assert f.read() == b"keep reading me"
+        assert os.fstat(f.fileno()).st_size == 15
+    assert "tmpfile" not in s3_keys(storage, mnt.bucket)
+
+    with open(mnt / "w", "wb") as f:  # written after unlink: never uploaded
+        f.write(b"a")
+        os.unlink(mnt / "w")
+        f.write(b"b")
+    assert "w" not in s3_keys(storage, mnt.bucket)
+
+
+def test_unsupported_operations_give_clean_errnos(mnt: Mount) -> None:
+    (mnt / "f").write_text("f")
+    with pytest.raises(OSError) as e:
+        os.link(mnt / "f", mnt / "hard")
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.mkfifo(mnt / "fifo")
+    assert e.value.errno == errno.EPERM
+    assert os.statvfs(mnt).f_namemax == 255
+    # the mount survives all of that
+    assert (mnt / "f").read_text() == "f"
+
+
+def test_objects_put_behind_the_mount_appear_after_ttl(mnt: Mount, storage: Storage) -> None:
+    assert os.listdir(mnt.path) == []
+    storage.client.put_object(Bucket=mnt.bucket, Key="outside/new.txt", Body=b"hi")
+    deadline = time.monotonic() + 10
+    while "outside" not in os.listdir(mnt.path):
+        assert time.monotonic() < deadline, "object never appeared"
+        time.sleep(0.2)
+    assert (mnt / "outside" / "new.txt").read_bytes() == b"hi"
+
+
+def test_ls_l_of_2000_objects_costs_two_lists_and_no_head(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    def put(i: int) -> None:
+        storage.client.put_object(Bucket=bucket, Key=f"many/f{i:05d}", Body=b"x" * (i % 7))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(2000)))
+    m = mount_factory(bucket)
+    before = m.requests()
+    out = subprocess.run(["ls", "-l", str(m / "many")], capture_output=True, text=True, check=True)
+    after = m.requests()
+    assert len(out.stdout.splitlines()) == 2001  # "total" + 2000 entries
+    lists = after.get("ListObjectsV2", 0) - before.get("ListObjectsV2", 0)
+    heads = after.get("HeadObject", 0) - before.get("HeadObject", 0)
+    gets = after.get("GetObject", 0) - before.get("GetObject", 0)
+    # one listing of the root to find "many", two pages for the 2,000 entries
+    assert lists <= 3, after
+    assert heads == 0 and gets == 0, after
+
+
+def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:
+    size = 50 * 1024 * 1024
+    storage.client.put_object(Bucket=mnt.bucket, Key="big50", Body=os.urandom(size))
+    time.sleep(1.2)  # listing TTL
+    before = mnt.status()["bytes_in"]
+    with open(mnt / "big50", "rb") as f:
+        first = f.read(4096)
+        fetched = mnt.status()["bytes_in"] - before
+    assert len(first) == 4096
+    assert fetched < size // 4, f"{fetched} bytes fetched for the first 4 KiB"
+
+
+def test_unmount_uploads_and_remount_sees_everything(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    m = mount_factory(bucket)
+    payload = os.urandom(3_000_000)
+    f = open(m / "late.bin", "wb")  # noqa: SIM115
+    f.write(payload)
+    f.close()
+    (m / "dir").mkdir()
+    (m / "dir" / "x").write_text("x")
+    m.unmount()
+    assert not os.path.ismount(m.path)
+    assert s3_bytes(storage, bucket, "late.bin") == payload
+    m.mount()
+    assert sorted(os.listdir(m.path)) == ["dir", "late.bin"]
+    assert (m / "late.bin").read_bytes() == payload
+    assert filecmp.cmp(m / "dir" / "x", m / "dir" / "x")
+
+
+def test_read_only_mount(mount_factory, bucket: str, storage: Storage) -> None:
+    storage.client.put_object(Bucket=bucket, Key="r.txt", Body=b"r")
+    m = mount_factory(bucket, "-o", "ro")
+    assert (m / "r.txt").read_bytes() == b"r"
+    for action in (
+        lambda: (m / "w.txt").write_text("w"),
+        lambda: os.mkdir(m / "d"),
+        lambda: os.unlink(m / "r.txt"),
+    ):
+        with pytest.raises(OSError) as e:
+            action()
+        assert e.value.errno == errno.EROFS
+
+
+def test_prefix_mount(mount_factory, bucket: str, storage: Storage) -> None:
+    storage.client.put_object(Bucket=bucket, Key="outside.txt", Body=b"o")
+    storage.client.put_object(Bucket=bucket, Key="sub/tree/in.txt", Body=b"i")
+    m = mount_factory(f"{bucket}:sub/tree")
+    assert os.listdir(m.path) == ["in.txt"]
+    (m / "new.txt").write_text("n")
+    assert "sub/tree/new.txt" in s3_keys(storage, bucket)
+
+
+def test_mount_errors_are_one_line(s3_server, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    (tmp_path / "m").mkdir()
+    r = run_cli("--endpoint-url", s3_server.endpoint, "no-such-bucket-here", str(tmp_path / "m"))
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    assert not os.path.ismount(tmp_path / "m")
+    r = run_cli("--endpoint-url", s3_server.endpoint, "bucket", str(tmp_path / "missing-dir"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
