@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 S3MOUNT_EXTRA_APT="${S3MOUNT_EXTRA_APT:-} rsync sqlite3 git" bash scripts/bootstrap.sh
-.venv/bin/ruff check s3mount tests bench
+.venv/bin/ruff check .
+.venv/bin/ruff format --check . >/dev/null || { .venv/bin/ruff format --diff . | head -40; exit 1; }
 exec .venv/bin/python -m pytest -q "$@"
