@@ -52,9 +52,7 @@ def fuse_errors(fn: F) -> F:
             raise
         except (FSError, StorageError, OSError, ExceptionGroup) as group:
             exc = first_leaf(group)
-            if isinstance(exc, Exception) and not isinstance(
-                exc, FSError | StorageError | OSError
-            ):
+            if isinstance(exc, Exception) and not isinstance(exc, FSError | StorageError | OSError):
                 log.error("%s failed unexpectedly", fn.__name__, exc_info=exc)
             code = errno_of(exc)
             if code not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
