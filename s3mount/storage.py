@@ -545,15 +545,24 @@ class Storage:
 
     def _empty_bucket(self, b: str) -> int:
         deleted = 0
-        pages = self._client.get_paginator("list_object_versions").paginate(Bucket=b)
+        previous: list[dict[str, str]] = []
         try:
-            for page in pages:
+            # List from the start again after each batch: a continuation marker that names a
+            # version just deleted ends the listing early on some servers (moto's among them).
+            while True:
+                page = self._client.list_object_versions(
+                    Bucket=b, MaxKeys=S3Facts.delete_batch_size
+                )
                 batch = [
                     {"Key": v["Key"], "VersionId": v["VersionId"]}
                     for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
                 ]
-                if batch:
-                    deleted += self._delete_batch(b, batch)
+                if not batch:
+                    break
+                if batch == previous:
+                    raise StorageError(f"empty bucket {b}: objects remain after deleting them")
+                deleted += self._delete_batch(b, batch)
+                previous = batch
             uploads = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=b)
             for page in uploads:
                 for u in page.get("Uploads", []):
