@@ -157,7 +157,8 @@ class Mount:
         self.pid: int | None = None
 
     def mount(self) -> Mount:
-        self.path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a stale mount answers ENOTCONN here
+            self.path.mkdir(parents=True, exist_ok=True)
         r = run_cli(
             "--endpoint-url",
             self.endpoint,

@@ -1,0 +1,89 @@
+"""Daemon lifecycle and local failures: signals, a full cache disk, a dead mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mount, run_cli
+
+from s3mount.storage import Storage
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon {pid} still alive")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_after_uploading(
+    mount_factory, bucket: str, storage: Storage, signum: int
+) -> None:
+    m: Mount = mount_factory(bucket)
+    (m / "before-signal.txt").write_text("saved")
+    pid = m.pid
+    assert pid
+    os.kill(pid, signum)
+    wait_gone(pid)
+    m.pid = None
+    assert not os.path.ismount(m.path)
+    body = storage.client.get_object(Bucket=bucket, Key="before-signal.txt")["Body"].read()
+    assert body == b"saved"
+
+
+def test_full_cache_disk_gives_enospc_and_keeps_closed_files(
+    s3_server, bucket: str, storage: Storage, tmp_path: Path
+) -> None:
+    cache = tmp_path / "tiny-cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(cache)], check=True)
+    m = Mount(
+        s3_server.endpoint, bucket, tmp_path / "m", cache, "--log-file", str(tmp_path / "log")
+    )
+    try:
+        m.mount()
+        (m / "small.txt").write_text("fits")
+        with pytest.raises(OSError) as e, open(m / "huge.bin", "wb") as f:
+            for _ in range(10):
+                f.write(os.urandom(1024 * 1024))
+                f.flush()
+        assert e.value.errno == errno.ENOSPC
+        # what was closed before is safe, and the mount still works
+        assert (m / "small.txt").read_text() == "fits"
+        body = storage.client.get_object(Bucket=bucket, Key="small.txt")["Body"].read()
+        assert body == b"fits"
+        m.unmount()
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_stale_mountpoint_is_cleared_by_the_next_mount(mount_factory, bucket: str) -> None:
+    m: Mount = mount_factory(bucket)
+    (m / "f").write_text("f")
+    assert m.pid
+    os.kill(m.pid, signal.SIGKILL)
+    wait_gone(m.pid)
+    m.pid = None
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path)
+    assert e.value.errno == errno.ENOTCONN
+    m.mount()  # clears "Transport endpoint is not connected" by itself
+    assert os.listdir(m.path) == ["f"]
+
+
+def test_unmount_of_something_else_is_a_clean_error(tmp_path: Path) -> None:
+    r = run_cli("unmount", str(tmp_path))
+    assert r.returncode != 0
+    assert r.stderr.startswith("s3mount: error:") and "Traceback" not in r.stderr
