@@ -189,8 +189,8 @@ class Mount:
 
     def cleanup(self) -> None:
         """Whatever happened: no mount and no daemon left behind."""
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        # ismount() is False for a dead mount (ENOTCONN): always ask fusermount3.
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, 9)

@@ -33,6 +33,7 @@ from s3mount.core.errors import (
     ReadOnly,
     ResourceExists,
     ResourceNotFound,
+    Stale,
     UploadFailed,
     first_leaf,
 )
@@ -42,6 +43,7 @@ from s3mount.core.runner import ThreadRunner
 from s3mount.storage import (
     NotFound,
     ObjectInfo,
+    PreconditionFailed,
     S3Facts,
     S3Key,
     S3Name,
@@ -445,7 +447,10 @@ class S3FS:
         name = self._name(key)
 
         async def fetch(start: int, length: int, etag: str | None) -> bytes:
-            return await self.run(self.storage.read_range, name, start, length, etag)
+            try:
+                return await self.run(self.storage.read_range, name, start, length, etag)
+            except PreconditionFailed:
+                raise Stale(f"{key}: changed on the server while open") from None
 
         return fetch
 
@@ -707,7 +712,11 @@ class S3FS:
         return await self.run(self.storage.presigned_url, self._name(self.key(path)), expires)
 
     async def makepublic(self, path: str) -> None:
-        await self.run(self.storage.make_public, self._name(self.key(path)))
+        self._check_writable()
+        try:
+            await self.run(self.storage.make_public, self._name(self.key(path)))
+        except NotFound:
+            raise ResourceNotFound(path) from None
 
     async def getmeta(self, path: str) -> dict[str, str]:
         try:
@@ -718,7 +727,12 @@ class S3FS:
 
     async def setmeta(self, path: str, metadata: dict[str, str]) -> None:
         self._check_writable()
-        info = await self.run(self.storage.update_metadata, self._name(self.key(path)), metadata)
+        try:
+            info = await self.run(
+                self.storage.update_metadata, self._name(self.key(path)), metadata
+            )
+        except NotFound:
+            raise ResourceNotFound(path) from None
         dp, dn = self._split(self.norm(path))
         self.listings.set_entry(
             self.dir_key(dp),
