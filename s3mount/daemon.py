@@ -128,12 +128,14 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(_stop_on_signals)
+            fs.background = nursery  # readahead fetches run here
             await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
             on_ready()
     finally:
         with trio.CancelScope(shield=True):
+            fs.background = None
             try:
-                await fs.sync()
+                await fs.close()
             except Exception as exc:  # already logged with the key; data kept locally
                 log.error("some dirty data could not be uploaded at unmount: %s", exc)
             pyfuse3.close(unmount=True)

@@ -52,11 +52,13 @@ def fuse_errors(fn: F) -> F:
             raise
         except (FSError, StorageError, OSError, ExceptionGroup) as group:
             exc = first_leaf(group)
-            if isinstance(exc, Exception) and not isinstance(exc, FSError | StorageError | OSError):
-                log.error("%s failed unexpectedly", fn.__name__, exc_info=exc)
             code = errno_of(exc)
-            if code not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
+            if isinstance(exc, StorageError | OSError):
+                # S3 and local-disk failures: once here (messages name the key or file).
+                # FSErrors are answers (ENOENT, EEXIST, ...) or were logged by the core.
                 log.warning("%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            elif not isinstance(exc, FSError):
+                log.error("%s failed unexpectedly", fn.__name__, exc_info=exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
@@ -206,15 +208,25 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        handle = self._unlinked_handle(inode)
+        if handle is not None:
+            return self._attr(inode, handle.info())
+        return await self._getattr_path(inode, self._path(inode))
+
+    def _unlinked_handle(self, inode: int) -> OpenFile | None:
+        """An open handle of an inode whose name is gone (unlinked while open)."""
         rec = self.inodes.get(inode)
         if rec is not None and rec.path is None and rec.handles:
-            # Unlinked but open: describe it from the open file.
-            h = self.handles[next(iter(rec.handles))]
-            return self._attr(inode, Info(path="", is_dir=False, size=h.size, mtime=0))
-        return await self._getattr_path(inode, self._path(inode))
+            return self.handles[next(iter(rec.handles))]
+        return None
 
     @fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        handle = self._unlinked_handle(inode)
+        if handle is not None:  # no name left: only the size can change
+            if fields.update_size:
+                await handle.truncate(attr.st_size)
+            return self._attr(inode, handle.info())
         path = self._path(inode)
         if fields.update_size:
             if fh is not None and fh in self.handles:
@@ -245,14 +257,24 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         d = self.dirs[fh]
+        path = self._path(d.inode)
         if d.entries is None or start_id == 0:
             # A snapshot per handle keeps offsets stable; a rewind takes a fresh one.
-            d.entries = await self.fs.listinfo(self._path(d.inode))
-        for i in range(start_id, len(d.entries)):
+            d.entries = await self.fs.listinfo(path)
+        # Offsets: 1 and 2 are "." and "..", then 3 + the index in the snapshot.
+        if start_id < 2:
+            parent_ino = self.by_path.get(os.path.dirname(path), pyfuse3.ROOT_INODE)
+            dots = [(b".", d.inode), (b"..", parent_ino)][start_id:]
+            for n, (name, ino) in enumerate(dots, start=start_id + 1):
+                attr = self._attr(ino, Info(path=path, is_dir=True))
+                if not pyfuse3.readdir_reply(token, name, attr, n):
+                    return  # no lookup count for dot entries
+            start_id = 2
+        for i in range(start_id - 2, len(d.entries)):
             info = d.entries[i]
             ino = self._inode_for(info.path)
             attr = self._attr(ino, info)
-            if not pyfuse3.readdir_reply(token, os.fsencode(info.name), attr, i + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(info.name), attr, i + 3):
                 self._maybe_drop(ino)
                 return
             self.inodes[ino].lookups += 1
@@ -317,7 +339,7 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> Any:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = s.f_bfree = s.f_bavail = 2**40 // 4096  # S3 has no size limit; say 1 PiB
+        s.f_blocks = s.f_bfree = s.f_bavail = 2**50 // 4096  # S3 has no size limit; say 1 PiB
         s.f_files = s.f_ffree = s.f_favail = 2**32
         s.f_namemax = 255
         return s

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -169,7 +170,8 @@ def daemonize(argv: list[str], log_file: str, timeout: float = 120) -> int:
     """Start ``s3mount ... --foreground`` detached; return once it reports the mount ready."""
     r, w = os.pipe()
     os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
-    with open(log_file, "ab") as log:
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "s3mount", *argv, "--foreground", "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL,
@@ -181,15 +183,23 @@ def daemonize(argv: list[str], log_file: str, timeout: float = 120) -> int:
     os.close(w)
     deadline = time.monotonic() + timeout
     message = b""
-    with os.fdopen(r, "rb") as pipe:
-        while time.monotonic() < deadline:
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([pipe], [], [], left)[0]:
+                continue
             chunk = pipe.read(4096)
             if not chunk:
                 break
             message += chunk
+            if message.startswith(READY):
+                break
     if message.startswith(READY):
         return EXIT_OK
-    text = message.decode(errors="replace").strip() or f"the daemon exited (see {log_file})"
+    text = message.decode(errors="replace").strip()
+    if not text:
+        alive = child.poll() is None
+        text = f"the mount did not answer within {timeout:g}s" if alive else "the daemon exited"
+        text += f" (see {log_file})"
     if child.poll() is None:
         child.terminate()
     print(f"s3mount: error: {text}", file=sys.stderr)

@@ -10,6 +10,7 @@ All state changes happen in the trio thread; only the S3 fetches run in worker t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -19,10 +20,13 @@ import trio
 from s3mount.core.errors import first_leaf
 from s3mount.storage import MiB
 
+log = logging.getLogger(__name__)
+
 BLOCK = 1 * MiB
 MAX_READAHEAD = 32 * MiB
-FETCH_PART = 8 * MiB
+FETCH_PART = 4 * MiB
 
+Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
 
 
@@ -47,6 +51,7 @@ class CachedFile:
         self.unlinked = False
         self.upload_lock = trio.Lock()
         self.mtime: float | None = None
+        self.closed = False
         os.ftruncate(fd, size)
 
     # -- reading ---------------------------------------------------------------------------
@@ -100,7 +105,7 @@ class CachedFile:
         # Store what arrived, except blocks written (or truncated away) meanwhile.
         for i in range(count):
             b = first + i
-            if b in self.present:
+            if b in self.present or self.closed:
                 continue
             lo = i * BLOCK
             hi = min(lo + BLOCK, len(data), self.fetch_limit - start)
@@ -108,12 +113,33 @@ class CachedFile:
                 os.pwrite(self.fd, data[lo:hi], start + lo)
             self.present.add(b)
 
-    async def read(self, off: int, size: int, readahead: int = 0) -> bytes:
+    async def read(
+        self, off: int, size: int, readahead: int = 0, spawn: Spawner | None = None
+    ) -> bytes:
+        """Bytes [off, off+size); then fetch up to ``readahead`` bytes beyond, in the
+        background when ``spawn`` is given, once less than half of that window is present."""
         end = min(off + size, self.size)
         if end <= off:
             return b""
-        await self.ensure(off, min(end + readahead, self.size))
+        await self.ensure(off, end)
+        if readahead:
+            ahead = [
+                b
+                for b in self._missing_blocks(end, min(end + readahead, self.size))
+                if b not in self._inflight
+            ]
+            if ahead and ahead[0] * BLOCK - end < readahead // 2:
+                if spawn is not None:
+                    spawn(self._prefetch, ahead)
+                else:
+                    await self._fetch_blocks(ahead)
         return os.pread(self.fd, end - off, off)
+
+    async def _prefetch(self, blocks: list[int]) -> None:
+        try:
+            await self._fetch_blocks([b for b in blocks if b not in self._inflight])
+        except Exception as exc:  # a reader that needs these blocks fetches them again
+            log.debug("readahead of %s failed: %s", self.key, exc)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -153,6 +179,7 @@ class CachedFile:
             self.dirty = False
 
     def close(self) -> None:
+        self.closed = True  # a background fetch still in flight must not write any more
         with contextlib.suppress(OSError):
             os.close(self.fd)
         with contextlib.suppress(OSError):
@@ -171,6 +198,15 @@ class FileCache:
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
         fd, path = tempfile.mkstemp(prefix="open-", dir=self.directory)  # mode 0600
         return CachedFile(path, fd, key, size, etag, fetch)
+
+    def leftovers(self) -> list[str]:
+        """Temp files in the cache directory that no open file owns (a dead daemon's)."""
+        owned = {f.path for f in self.files.values()}
+        return [
+            os.path.join(self.directory, n)
+            for n in os.listdir(self.directory)
+            if n.startswith("open-") and os.path.join(self.directory, n) not in owned
+        ]
 
     def dirty_bytes(self) -> int:
         return sum(f.size for f in self.files.values() if f.dirty)

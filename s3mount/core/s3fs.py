@@ -11,6 +11,7 @@ storage calls run in worker threads through one :class:`ThreadRunner`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import logging
@@ -37,7 +38,7 @@ from s3mount.core.errors import (
     UploadFailed,
     first_leaf,
 )
-from s3mount.core.filecache import MAX_READAHEAD, CachedFile, FileCache
+from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
 from s3mount.core.listing import NAME_MAX, DirListing, Entry, ListingCache, entries_from_pages
 from s3mount.core.runner import ThreadRunner
 from s3mount.storage import (
@@ -55,6 +56,7 @@ from s3mount.storage import (
 log = logging.getLogger(__name__)
 
 DIR_CONTENT_TYPE = "application/x-directory"
+SEQUENTIAL_SLACK = 2 * BLOCK
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ class S3FS:
         self._attrs: dict[str, dict[str, int | float]] = {}  # in-memory mode/uid/gid/mtime
         self._kernel_etags: dict[str, str] = {}  # ETag whose data a reader last saw, by key
         self.recovery_dir = os.path.join(cache_dir, "unsaved")
+        self.background: trio.Nursery | None = None  # for readahead; set by the daemon
+        self._recover_leftovers()
 
     # -- paths and keys ---------------------------------------------------------------------
 
@@ -355,6 +359,8 @@ class S3FS:
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.listings.invalidate_tree(dkey)
+        for key in [k for k in self._attrs if k.startswith(dkey) or k == dkey[:-1]]:
+            del self._attrs[key]
 
     # -- files ------------------------------------------------------------------------------
 
@@ -368,9 +374,11 @@ class S3FS:
         cf = self.files.files.get(key)
         remote = info.etag is not None
         if cf is not None:
-            if cf.open_count and remote:
-                await cf.ensure(0, cf.size)  # open handles keep reading after the delete
-            self._forget_file(key)
+            async with cf.upload_lock:  # an upload in flight finishes first
+                remote = cf.etag is not None
+                if cf.open_count and remote:
+                    await cf.ensure(0, cf.size)  # open handles keep reading after the delete
+                self._forget_file(key)
         if remote:
             await self.run(self.storage.delete, self._name(key))
         parent, name = self._split(path)
@@ -457,25 +465,30 @@ class S3FS:
     async def flush_file(self, cf: CachedFile) -> None:
         """Upload a dirty file (fetching what it still lacks); keeps it dirty on failure."""
         async with cf.upload_lock:
-            if not cf.dirty or cf.unlinked:
-                return
-            await cf.ensure(0, cf.size)
-            generation = cf.generation
-            key = cf.key
-            try:
-                info: ObjectInfo = await self.run(
-                    self.storage.write, cf.path, self._name(key), WriteOptions()
-                )
-            except StorageError as exc:
-                log.error("upload of %s failed, data kept in %s: %s", key, cf.path, exc)
-                raise UploadFailed(str(exc)) from exc
-            cf.uploaded(generation, info.etag)
-            if cf.key != key or cf.unlinked:
-                return  # renamed or removed while uploading: the caller deals with it
-            cf.mtime = time.time()
-            self._kernel_etags[key] = info.etag
-            self._update_listing(key, cf)
-        await self.confirm_key(key, info.etag)
+            uploaded = await self._upload_locked(cf)
+        if uploaded is not None:
+            await self.confirm_key(*uploaded)
+
+    async def _upload_locked(self, cf: CachedFile) -> tuple[str, str] | None:
+        """Upload ``cf`` (its upload lock held, so no rename or unlink can interleave).
+
+        Returns (key, new ETag), or None when there was nothing to upload.
+        """
+        if not cf.dirty or cf.unlinked:
+            return None
+        await cf.ensure(0, cf.size)
+        generation, key = cf.generation, cf.key
+        try:
+            info: ObjectInfo = await self.run(
+                self.storage.write, cf.path, self._name(key), WriteOptions()
+            )
+        except StorageError as exc:
+            log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
+            raise UploadFailed(str(exc)) from exc
+        cf.uploaded(generation, info.etag)
+        self._kernel_etags[key] = info.etag
+        self._update_listing(key, cf)
+        return key, info.etag
 
     def _update_listing(self, key: str, cf: CachedFile) -> None:
         dkey, name = self._dir_key_of(key)
@@ -503,13 +516,36 @@ class S3FS:
 
     def _keep_unsaved(self, cf: CachedFile) -> None:
         """Keep data that could not be uploaded, under the cache dir, named by its key."""
-        dest = os.path.join(self.recovery_dir, self.bucket, *cf.key.split("/"))
+        parts = [self.bucket, *cf.key.split("/")]
+        dest = os.path.join(self.recovery_dir, *parts) + f".{time.time_ns()}"
         try:
-            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
-            os.link(cf.path, dest + f".{int(time.time())}")
+            _makedirs_private(os.path.dirname(dest))
+            os.link(cf.path, dest)
             log.error("could not upload %s; its data is kept in %s", cf.key, dest)
         except OSError as exc:
             log.error("could not upload %s nor keep it in %s: %s", cf.key, dest, exc)
+
+    def _recover_leftovers(self) -> None:
+        """Temp files of a daemon that died: keep their data in the unsaved folder."""
+        for path in self.files.leftovers():
+            if os.path.getsize(path) == 0:
+                os.unlink(path)
+                continue
+            dest = os.path.join(self.recovery_dir, "orphans", os.path.basename(path))
+            _makedirs_private(os.path.dirname(dest))
+            os.replace(path, dest)
+            log.error("a previous daemon left unsaved data; it is kept in %s", dest)
+
+    async def close(self) -> None:
+        """Shut down: upload what is dirty, keep what cannot be, free every temp file."""
+        try:
+            await self.sync()
+        finally:
+            for cf in list(self.files.files.values()):
+                if cf.dirty and not cf.unlinked:
+                    self._keep_unsaved(cf)
+                cf.close()
+            self.files.files.clear()
 
     async def truncate(self, path: str, size: int) -> None:
         """truncate(2) by path: open, cut or extend, upload, close."""
@@ -544,10 +580,16 @@ class S3FS:
             delay = min(delay * 2, 1.0)
 
     async def sync(self) -> None:
-        """Upload every dirty open file."""
+        """Upload every dirty open file; try them all, then report the first failure."""
+        failures: list[FSError] = []
         for cf in list(self.files.files.values()):
             if cf.dirty:
-                await self.flush_file(cf)
+                try:
+                    await self.flush_file(cf)
+                except FSError as exc:
+                    failures.append(exc)
+        if failures:
+            raise failures[0]
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -612,17 +654,24 @@ class S3FS:
         cf = self.files.files.get(skey)
         if dinfo is not None and dkey in self.files.files:
             self._forget_file(dkey)
-        if cf is not None and (cf.dirty or cf.etag is None):
-            # Local data not in S3 yet: upload it straight under the new name.
-            await cf.ensure(0, cf.size)  # what is still only in S3 comes from the old key
-            self._rekey(skey, dkey)
-            await self.flush_file(cf)
-        else:
-            await self.run(self.storage.copy, self._name(skey), self._name(dkey), size=sinfo.size)
+        async with contextlib.AsyncExitStack() as stack:
+            src_remote = sinfo.etag is not None
             if cf is not None:
+                await stack.enter_async_context(cf.upload_lock)  # no upload in flight
+                src_remote = cf.etag is not None
+            if cf is not None and (cf.dirty or cf.etag is None):
+                # Local data not in S3 yet: upload it straight under the new name.
+                await cf.ensure(0, cf.size)  # what is still only in S3 comes from the old key
                 self._rekey(skey, dkey)
-        if sinfo.etag is not None:
-            await self.run(self.storage.delete, self._name(skey))
+                await self._upload_locked(cf)
+            else:
+                await self.run(
+                    self.storage.copy, self._name(skey), self._name(dkey), size=sinfo.size
+                )
+                if cf is not None:
+                    self._rekey(skey, dkey)
+            if src_remote:
+                await self.run(self.storage.delete, self._name(skey))
         self._move_attrs(skey, dkey)
         sp, sn = self._split(src)
         dp, dn = self._split(dst)
@@ -633,9 +682,21 @@ class S3FS:
 
     async def _rename_dir(self, src: str, dst: str) -> None:
         sdk, ddk = self.dir_key(src), self.dir_key(dst)
-        for key, cf in list(self.files.files.items()):
-            if key.startswith(sdk) and cf.dirty:
-                await self.flush_file(cf)
+        async with contextlib.AsyncExitStack() as stack:
+            for key, cf in list(self.files.files.items()):
+                if key.startswith(sdk):
+                    await stack.enter_async_context(cf.upload_lock)
+                    await self._upload_locked(cf)
+            await self._move_tree(sdk, ddk)
+        sp, sn = self._split(src)
+        dp, dn = self._split(dst)
+        self.listings.remove_entry(self.dir_key(sp), sn)
+        self.listings.set_entry(self.dir_key(dp), Entry(dn, True, mtime=time.time()))
+        self.listings.invalidate_tree(sdk)
+        self.listings.invalidate_tree(ddk)
+
+    async def _move_tree(self, sdk: str, ddk: str) -> None:
+        """Copy every key below ``sdk`` to ``ddk`` (in parallel), then delete the originals."""
         objects = await self.run(
             lambda: list(self.storage.bucket_list_keys(self.bucket, prefix=sdk))
         )
@@ -660,12 +721,6 @@ class S3FS:
         self._move_attrs(sdk[:-1], ddk[:-1])
         for key in [k for k in self._attrs if k.startswith(sdk)]:
             self._move_attrs(key, ddk + key[len(sdk) :])
-        sp, sn = self._split(src)
-        dp, dn = self._split(dst)
-        self.listings.remove_entry(self.dir_key(sp), sn)
-        self.listings.set_entry(self.dir_key(dp), Entry(dn, True, mtime=time.time()))
-        self.listings.invalidate_tree(sdk)
-        self.listings.invalidate_tree(ddk)
 
     def _rekey(self, skey: str, dkey: str) -> None:
         """An open file now belongs to another key (after a rename)."""
@@ -673,6 +728,12 @@ class S3FS:
         cf.key = dkey
         cf._fetch = self._fetcher(dkey)
         self.files.files[dkey] = cf
+
+    def _written(self, key: str) -> None:
+        """A write sets mtime to now: drop an mtime set earlier by utimens."""
+        attrs = self._attrs.get(key)
+        if attrs:
+            attrs.pop("mtime", None)
 
     def _move_attrs(self, skey: str, dkey: str) -> None:
         attrs = self._attrs.pop(skey, None)
@@ -760,12 +821,14 @@ class OpenFile:
         self.closed = False
 
     async def pread(self, off: int, size: int) -> bytes:
-        if off == self._next_sequential and off:
+        # The kernel sends readahead requests concurrently, slightly out of order.
+        if abs(off - self._next_sequential) <= SEQUENTIAL_SLACK:
             self._readahead = min(max(self._readahead * 2, size * 4), MAX_READAHEAD)
-        elif off != self._next_sequential:
+        else:
             self._readahead = 0
-        data = await self.cf.read(off, size, self._readahead)
-        self._next_sequential = off + len(data)
+        bg = self.fs.background
+        data = await self.cf.read(off, size, self._readahead, bg.start_soon if bg else None)
+        self._next_sequential = max(self._next_sequential, off + len(data))
         return data
 
     async def pwrite(self, off: int, data: bytes) -> int:
@@ -773,12 +836,18 @@ class OpenFile:
             raise FSError("file not open for writing")
         n = await self.cf.write(off, data)
         self.cf.mtime = time.time()
+        self.fs._written(self.cf.key)
         return n
 
     async def truncate(self, size: int) -> None:
         self.fs._check_writable()
         await self.cf.truncate(size)
         self.cf.mtime = time.time()
+        self.fs._written(self.cf.key)
+
+    def info(self) -> Info:
+        """Attributes of the open file (also after it was unlinked)."""
+        return Info(self.path, False, self.cf.size, self.cf.mtime or 0.0, self.cf.etag)
 
     @property
     def size(self) -> int:
@@ -825,3 +894,12 @@ class OpenFile:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _makedirs_private(path: str) -> None:
+    """mkdir -p where every directory created is 0700."""
+    if os.path.isdir(path):
+        return
+    _makedirs_private(os.path.dirname(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
