@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from s3mount.control import STATUS_XATTR
 from s3mount.core import S3FS, FSError, Info, OpenFile
 from s3mount.core.errors import first_leaf
 from s3mount.storage import StorageError
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
-STATUS_XATTR = "user.s3mount.status"  # read-only, on the mount's root: daemon status as JSON
-CONTROL_XATTRS = (STATUS_XATTR,)
 
 
 def errno_of(exc: BaseException) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import platformdirs
 
-from s3mount.fuse_ops import STATUS_XATTR
+from s3mount.control import STATUS_XATTR
 from s3mount.storage import MiB, TransferSettings
 
 EXIT_OK, EXIT_FAILED = 0, 3
