@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-
 def errno_of(exc: BaseException) -> int:
     """The errno for any exception a handler can meet (EIO for the unexpected)."""
     exc = first_leaf(exc)
