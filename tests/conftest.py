@@ -114,13 +114,28 @@ def storage(s3_server: MotoServer) -> Storage:
     return Storage(ConnectionSettings(endpoint_url=s3_server.endpoint))
 
 
-@pytest.fixture
-def bucket(storage: Storage) -> Iterator[str]:
-    name = f"test-{uuid.uuid4().hex[:12]}"
+def new_bucket_name() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+def _fresh_bucket(storage: Storage) -> Iterator[str]:
+    name = new_bucket_name()
     storage.bucket_create(name)
     yield name
     with contextlib.suppress(Exception):
         storage.bucket_delete(name, force=True)
+
+
+@pytest.fixture
+def bucket(storage: Storage) -> Iterator[str]:
+    """A fresh, empty bucket, deleted with its contents afterwards."""
+    yield from _fresh_bucket(storage)
+
+
+@pytest.fixture
+def other_bucket(storage: Storage) -> Iterator[str]:
+    """A second fresh bucket."""
+    yield from _fresh_bucket(storage)
 
 
 def run_cli(

@@ -9,12 +9,11 @@ import re
 import subprocess
 import sys
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MotoServer, run_cli
+from conftest import MotoServer, new_bucket_name, run_cli
 from faultproxy import FaultProxy
 
 from s3mount.storage import S3Name, Storage, StorageError, WriteOptions
@@ -22,10 +21,6 @@ from s3mount.storage import S3Name, Storage, StorageError, WriteOptions
 SECRET = "testing-secret-key"
 KEY_ID = "testing-key-id"
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d  +(\d+)  (.+)$")  # a `list` line
-
-
-def new_bucket_name() -> str:
-    return f"cli-{uuid.uuid4().hex[:12]}"
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -52,15 +47,6 @@ def cli(s3_server: MotoServer):
         return run_cli(*args, endpoint=s3_server.endpoint, **kwargs)
 
     return run
-
-
-@pytest.fixture
-def other_bucket(storage: Storage) -> Iterator[str]:
-    name = new_bucket_name()
-    storage.bucket_create(name)
-    yield name
-    with contextlib.suppress(StorageError):
-        storage.bucket_delete(name, force=True)
 
 
 def keys_of(storage: Storage, bucket: str) -> list[str]:

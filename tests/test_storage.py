@@ -11,12 +11,12 @@ import os
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import new_bucket_name
 from faultproxy import FaultProxy
 
 from s3mount.storage import (
@@ -60,10 +60,6 @@ def requests_since(st: Storage, before: dict) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}
 
 
-def new_bucket_name() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
 @pytest.fixture(scope="module")
 def big_data() -> bytes:
     return os.urandom(BIG)
@@ -77,15 +73,6 @@ def mp_storage(s3_server, bucket: str) -> Storage:
         default_bucket=bucket,
         transfer=MULTIPART,
     )
-
-
-@pytest.fixture
-def other_bucket(storage: Storage) -> Iterator[str]:
-    name = new_bucket_name()
-    storage.bucket_create(name)
-    yield name
-    with contextlib.suppress(StorageError):
-        storage.bucket_delete(name, force=True)
 
 
 @pytest.fixture
