@@ -1,3 +1,14 @@
 """How the CLI talks to a running mount daemon: read-only attributes on the mount's root."""
 
 STATUS_XATTR = "user.s3mount.status"  # the daemon's status, as JSON
+INVALIDATE_XATTR = "user.s3mount.invalidate"  # set on a path: drop what is cached below it
+
+# Read-only facts about the object behind a path: attribute name -> ObjectInfo field
+# ("s3.url" is a presigned GET URL, valid for an hour).
+INFO_XATTRS = {
+    "s3.etag": "etag",
+    "s3.storage_class": "storage_class",
+    "s3.version_id": "version_id",
+    "s3.content_type": "content_type",
+    "s3.url": "",
+}

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from s3mount.control import STATUS_XATTR
+from s3mount.control import INFO_XATTRS, INVALIDATE_XATTR, STATUS_XATTR
 from s3mount.core import S3FS, FSError, Info, OpenFile
 from s3mount.core.errors import first_leaf
 from s3mount.storage import StorageError
@@ -161,6 +161,8 @@ class Operations(pyfuse3.Operations):
         if info.is_dir:
             perm = info.mode if info.mode is not None else 0o777 & ~self.opt.umask
             a.st_mode = stat.S_IFDIR | perm
+        elif info.is_symlink:
+            a.st_mode = stat.S_IFLNK | 0o777
         else:
             perm = info.mode if info.mode is not None else 0o666 & ~self.opt.umask
             a.st_mode = stat.S_IFREG | perm
@@ -170,8 +172,8 @@ class Operations(pyfuse3.Operations):
         a.st_size = info.size
         a.st_blksize = 128 * 1024
         a.st_blocks = (info.size + 511) // 512
-        ns = int(info.mtime * 1e9)
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.st_atime_ns = a.st_mtime_ns = round(info.mtime * 1e9)
+        a.st_ctime_ns = round((info.ctime or info.mtime) * 1e9)
         a.attr_timeout = self.opt.attr_timeout
         a.entry_timeout = self.opt.entry_timeout
         return a
@@ -283,8 +285,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         path = self._join(self._path(parent_inode), name)
-        await self.fs.makedir(path)
-        info = await self.fs.set_attrs(path, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
+        info = await self.fs.makedir(path, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
         ino = self._inode_for(path)
         self.inodes[ino].lookups += 1
         return self._attr(ino, info)
@@ -332,7 +333,15 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        path = self._join(self._path(parent_inode), name)
+        info = await self.fs.symlink(path, os.fsdecode(target), uid=ctx.uid, gid=ctx.gid)
+        ino = self._inode_for(path)
+        self.inodes[ino].lookups += 1
+        return self._attr(ino, info)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(await self.fs.readlink(self._path(inode)))
 
     async def statfs(self, ctx: Any) -> Any:
         s = pyfuse3.StatvfsData()
@@ -372,8 +381,11 @@ class Operations(pyfuse3.Operations):
             create=True,
             exclusive=bool(flags & os.O_EXCL),
             truncate=bool(flags & os.O_TRUNC),
+            mode=mode & ~ctx.umask,
+            uid=ctx.uid,
+            gid=ctx.gid,
         )
-        info = await self.fs.set_attrs(path, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
+        info = handle.info()
         ino = self._inode_for(path)
         self.inodes[ino].lookups += 1
         return self._add_handle(ino, handle), self._attr(ino, info)
@@ -404,22 +416,44 @@ class Operations(pyfuse3.Operations):
             self._maybe_drop(ino)
         await handle.close()
 
-    # -- extended attributes: the daemon's control surface ----------------------------------
+    # -- extended attributes ----------------------------------------------------------------
+    # user.*: stored on the object.  s3.*: read-only facts about the object.
+    # user.s3mount.*: the daemon's control surface (status, cache invalidation).
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name.decode() == STATUS_XATTR and self._status:
+        n = os.fsdecode(name)
+        path = self._path(inode)
+        if n == STATUS_XATTR and inode == pyfuse3.ROOT_INODE and self._status:
             return json.dumps(self._status()).encode()
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        if n in INFO_XATTRS:
+            if n == "s3.url":
+                return (await self.fs.getpathurl(path)).encode()
+            obj = await self.fs.object_info(path)
+            value = getattr(obj, INFO_XATTRS[n])
+            if value is None:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return str(value).encode()
+        value = (await self.fs.getxattrs(path)).get(n)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        return [os.fsencode(n) for n in await self.fs.getxattrs(self._path(inode))]
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+        n = os.fsdecode(name)
+        path = self._path(inode)
+        if n == INVALIDATE_XATTR:
+            self.fs.invalidate(path)
+        elif n in INFO_XATTRS or n.startswith("user.s3mount."):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        else:
+            await self.fs.setxattr(path, n, value)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        await self.fs.removexattr(self._path(inode), os.fsdecode(name))

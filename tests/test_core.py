@@ -382,7 +382,7 @@ async def test_listdir_options(make_fs, storage, bucket):
 
 
 @trio_test
-async def test_listinfo_costs_one_list_and_no_head(make_fs, storage, bucket):
+async def test_listinfo_costs_one_list_and_heads_only_once(make_fs, storage, bucket, tmp_path):
     sizes = {f"f{i:02d}": i * 7 for i in range(50)}
     for name, size in sizes.items():
         put(storage, bucket, f"big/{name}", b"z" * size)
@@ -391,9 +391,15 @@ async def test_listinfo_costs_one_list_and_no_head(make_fs, storage, bucket):
     fs = make_fs()
     assert await fs.isdir("big")  # lists the root
     before = requests(storage)
-    infos = await fs.listinfo("big")
+    plain = await fs.listinfo("big", meta=False)  # names, types, sizes: the listing alone
     assert since(storage, before) == {"ListObjectsV2": 1}
-    assert [i.name for i in infos] == sorted([*sizes, "sub"])
+    assert [i.name for i in plain] == sorted([*sizes, "sub"])
+
+    # POSIX metadata is not in a listing: the first full listing HEADs each entry once
+    # (in parallel), the directory's marker included.
+    before = requests(storage)
+    infos = await fs.listinfo("big")
+    assert since(storage, before) == {"HeadObject": 51}
     by_name = {i.name: i for i in infos}
     for name, size in sizes.items():
         assert not by_name[name].is_dir
@@ -403,18 +409,25 @@ async def test_listinfo_costs_one_list_and_no_head(make_fs, storage, bucket):
         assert by_name[name].mtime > 0
     assert by_name["sub"].is_dir
 
-    # Everything about the entries now comes from the cached listing: no request at all.
+    # Everything about the entries now comes from the caches: no request at all.
     before = requests(storage)
     for name in sizes:
         assert (await fs.getinfo(f"big/{name}")).size == sizes[name]
     assert await fs.listdir("big", files_only=True) == sorted(sizes)
     assert since(storage, before) == {}
 
-    # A cold layer: the parent's listing plus the directory's, still no HEAD.
+    # A cold layer on the same cache directory (a remount): the listings again, but the
+    # metadata cache on disk spares every HEAD.
     cold = make_fs()
     before = requests(storage)
     assert len(await cold.listinfo("big")) == 51
     assert since(storage, before) == {"ListObjectsV2": 2}
+
+    # With an empty cache directory, the HEADs come back.
+    fresh = make_fs(cache_dir=str(tmp_path / "other-cache"))
+    before = requests(storage)
+    assert len(await fresh.listinfo("big")) == 51
+    assert since(storage, before) == {"ListObjectsV2": 2, "HeadObject": 51}
 
 
 @trio_test
@@ -732,13 +745,14 @@ async def test_getpathurl_and_metadata(make_fs, storage, bucket):
     with urllib.request.urlopen(url, timeout=10) as r:
         assert r.read() == data
 
-    assert await fs.getmeta("dir/pub.bin") == {}
+    posix = await fs.getmeta("dir/pub.bin")  # what the file system itself stores
+    assert set(posix) == {"mode", "mtime", "ctime"}
     await fs.setmeta("dir/pub.bin", {"color": "blue", "owner": "me"})
-    assert await fs.getmeta("dir/pub.bin") == {"color": "blue", "owner": "me"}
+    assert await fs.getmeta("dir/pub.bin") == {**posix, "color": "blue", "owner": "me"}
     await fs.setmeta("dir/pub.bin", {"color": "red"})  # merged into what was there
-    assert await fs.getmeta("dir/pub.bin") == {"color": "red", "owner": "me"}
+    assert await fs.getmeta("dir/pub.bin") == {**posix, "color": "red", "owner": "me"}
     head = storage.client.head_object(Bucket=bucket, Key="dir/pub.bin")
-    assert head["Metadata"] == {"color": "red", "owner": "me"}
+    assert head["Metadata"] == {**posix, "color": "red", "owner": "me"}
     assert get(storage, bucket, "dir/pub.bin") == data  # the data is untouched
     assert (await fs.getinfo("dir/pub.bin")).etag == head["ETag"].strip('"')
     with pytest.raises(ResourceNotFound):
@@ -862,24 +876,28 @@ async def test_temp_files_are_private_and_removed_on_close(make_fs, storage, buc
     fs = make_fs()
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
 
+    opened = cache / "open"  # temp files of open files live here
+    assert stat.S_IMODE(os.stat(opened).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cache / "metadata.sqlite").st_mode) == 0o600
+
     f = await fs.open("secret.txt", "wb")
     await f.write(b"top secret")
-    temp_files = os.listdir(cache)
+    temp_files = os.listdir(opened)
     assert len(temp_files) == 1
-    temp = cache / temp_files[0]
+    temp = opened / temp_files[0]
     assert temp == Path(f.cf.path)
     assert stat.S_IMODE(os.stat(temp).st_mode) == 0o600
     assert temp.read_bytes() == b"top secret"
     await f.close()
     assert not temp.exists()
-    assert os.listdir(cache) == []
+    assert os.listdir(opened) == []
 
     # Reading a remote object also goes through a private temp file, removed on close.
     put(storage, bucket, "remote", os.urandom(MiB + 1))
     fs.invalidate()
     r = await fs.open("remote", "rb")
     await r.read(10)
-    (name,) = os.listdir(cache)
-    assert stat.S_IMODE(os.stat(cache / name).st_mode) == 0o600
+    (name,) = os.listdir(opened)
+    assert stat.S_IMODE(os.stat(opened / name).st_mode) == 0o600
     await r.close()
-    assert os.listdir(cache) == []
+    assert os.listdir(opened) == []

@@ -48,6 +48,14 @@ class Unsupported(FSError):
     errno = errno.EOPNOTSUPP
 
 
+class NoSpace(FSError):
+    errno = errno.ENOSPC
+
+
+class NoAttribute(FSError):
+    errno = errno.ENODATA
+
+
 class Stale(FSError):
     """The object changed on the server while this handle was reading it."""
 

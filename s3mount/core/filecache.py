@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from s3mount.core.errors import first_leaf
+from s3mount.core.metadata import ObjectMeta
 from s3mount.storage import MiB
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class CachedFile:
         self.unlinked = False
         self.upload_lock = trio.Lock()
         self.mtime: float | None = None
+        self.meta = ObjectMeta()  # the object's metadata, uploaded with the data
         self.closed = False
         os.ftruncate(fd, size)
 

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from s3mount.core.metadata import ObjectMeta
 from s3mount.storage import ListPage
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,9 @@ class Entry:
     name: str
     is_dir: bool
     size: int = 0
-    mtime: float = 0.0
+    mtime: float = 0.0  # LastModified of the object (of the marker, for a directory)
     etag: str | None = None
+    meta: ObjectMeta | None = None  # user metadata, once a HEAD or the cache told it
 
 
 @dataclass

@@ -19,8 +19,8 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import trio
 
@@ -30,16 +30,26 @@ from s3mount.core.errors import (
     InvalidPath,
     IsADirectory,
     NameTooLong,
+    NoAttribute,
+    NoSpace,
     NotADirectory,
     ReadOnly,
     ResourceExists,
     ResourceNotFound,
     Stale,
+    Unsupported,
     UploadFailed,
     first_leaf,
 )
 from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
 from s3mount.core.listing import NAME_MAX, DirListing, Entry, ListingCache, entries_from_pages
+from s3mount.core.metadata import (
+    MAX_METADATA,
+    MetaCache,
+    ObjectMeta,
+    headers_size,
+    with_posix,
+)
 from s3mount.core.runner import ThreadRunner
 from s3mount.storage import (
     NotFound,
@@ -68,13 +78,36 @@ class Info:
     size: int = 0
     mtime: float = 0.0
     etag: str | None = None
-    mode: int | None = None  # permission bits set through the mount (kept in memory for now)
+    mode: int | None = None  # permission bits from the object's metadata (None: not set)
     uid: int | None = None
     gid: int | None = None
+    ctime: float | None = None
+    is_symlink: bool = False
+    meta: ObjectMeta = field(default_factory=ObjectMeta)
 
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
+
+    @classmethod
+    def of(
+        cls, path: str, is_dir: bool, size: int, modified: float, etag: str | None, meta: ObjectMeta
+    ) -> Info:
+        """Attributes from an object's metadata, where it has them, else from S3's own."""
+        mode = meta.mode
+        return cls(
+            path=path,
+            is_dir=is_dir,
+            size=0 if is_dir else size,
+            mtime=meta.mtime if meta.mtime is not None else modified,
+            etag=etag,
+            mode=stat.S_IMODE(mode) if mode is not None else None,
+            uid=meta.uid,
+            gid=meta.gid,
+            ctime=meta.ctime,
+            is_symlink=not is_dir and meta.is_symlink,
+            meta=meta,
+        )
 
 
 class S3FS:
@@ -103,10 +136,14 @@ class S3FS:
         self.read_only = read_only
         self.run = ThreadRunner(threads)
         self.listings = ListingCache(listing_ttl)
-        self.files = FileCache(cache_dir)
+        _makedirs_private(cache_dir)
+        os.chmod(cache_dir, 0o700)  # temp files, unsaved data and metadata are private
+        self.files = FileCache(os.path.join(cache_dir, "open"))
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
-        self._attrs: dict[str, dict[str, int | float]] = {}  # in-memory mode/uid/gid/mtime
+        self._head_inflight: dict[str, trio.Event] = {}
+        self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
+        self.meta_cache = MetaCache(os.path.join(cache_dir, "metadata.sqlite"))
         self._kernel_etags: dict[str, str] = {}  # ETag whose data a reader last saw, by key
         self.recovery_dir = os.path.join(cache_dir, "unsaved")
         self.background: trio.Nursery | None = None  # for readahead; set by the daemon
@@ -188,6 +225,7 @@ class S3FS:
                     size=cf.size,
                     mtime=cf.mtime or self.started,
                     etag=cf.etag,
+                    meta=cf.meta,
                 )
 
     async def _entries(self, path: str) -> dict[str, Entry]:
@@ -201,62 +239,122 @@ class S3FS:
         return merged
 
     def _info(self, path: str, entry: Entry) -> Info:
-        key = self.key(path)
-        info = Info(
-            path=path,
-            is_dir=entry.is_dir,
-            size=0 if entry.is_dir else entry.size,
-            mtime=entry.mtime or self.started,
-            etag=entry.etag,
+        return Info.of(
+            path,
+            entry.is_dir,
+            entry.size,
+            entry.mtime or self.started,
+            entry.etag,
+            entry.meta or ObjectMeta(),
         )
-        attrs = self._attrs.get(key)
-        if attrs:
-            info = replace(info, **attrs)  # type: ignore[arg-type]
-        return info
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def _meta_key(self, path: str, is_dir: bool) -> str:
+        """The key that holds a path's metadata: the object, or a directory's marker."""
+        return self.dir_key(path) if is_dir else self.key(path)
+
+    async def _verify(self, dir_path: str, entries: list[Entry]) -> None:
+        """Give every entry its metadata: from the local cache, else by HEADs in parallel."""
+        todo: list[tuple[str, Entry]] = []
+        for e in entries:
+            if e.meta is not None:
+                continue
+            mkey = self._meta_key(posixpath.join(dir_path, e.name), e.is_dir)
+            cached = (
+                self.meta_cache.get(mkey, None, None)
+                if e.is_dir
+                else self.meta_cache.get(mkey, e.etag, e.mtime)
+            )
+            if cached is not None:
+                e.meta = cached
+            else:
+                todo.append((mkey, e))
+        if not todo:
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                for mkey, e in todo:
+                    nursery.start_soon(self._head_entry, dir_path, mkey, e)
+        except ExceptionGroup as group:
+            raise first_leaf(group) from None
+
+    async def _head_entry(self, dir_path: str, mkey: str, e: Entry) -> None:
+        """One HEAD (shared by concurrent askers); the answer also refreshes the entry."""
+        pending = self._head_inflight.get(mkey)
+        if pending is not None:
+            await pending.wait()
+            e.meta = self.meta_cache.get(mkey, None, None) if e.is_dir else e.meta
+            if e.meta is not None:
+                return
+        done = self._head_inflight[mkey] = trio.Event()
+        try:
+            try:
+                info = await self.run(self.storage.head, self._name(mkey))
+            except NotFound:
+                if not e.is_dir:
+                    # Deleted since it was listed.
+                    self.listings.remove_entry(self.dir_key(dir_path), e.name)
+                    raise ResourceNotFound(posixpath.join(dir_path, e.name)) from None
+                meta = ObjectMeta()  # an implicit directory: no marker, no metadata
+                self.meta_cache.put(mkey, None, None, meta)
+            else:
+                meta = ObjectMeta(info.metadata, info.content_type)
+                modified = info.last_modified.timestamp()
+                self.meta_cache.put(mkey, info.etag, modified, meta)
+                if not e.is_dir:
+                    e.size, e.etag, e.mtime = info.size, info.etag, modified
+            e.meta = meta
+        finally:
+            del self._head_inflight[mkey]
+            done.set()
 
     # -- queries ----------------------------------------------------------------------------
 
-    async def getinfo(self, path: str) -> Info:
+    async def getinfo(self, path: str, *, meta: bool = True) -> Info:
+        """Attributes of a path; with ``meta`` (the default) including its POSIX metadata."""
         path = self.norm(path)
         if path == "/":
             return self._info(path, Entry(name="", is_dir=True, mtime=self.started))
         cf = self.files.files.get(self.key(path))
-        parent, name = self._split(path)
-        entries = await self._entries(parent) if cf is None else {}
         if cf is not None:
-            entry = Entry(name, False, cf.size, cf.mtime or self.started, cf.etag)
-        else:
-            found = entries.get(name)
-            if found is None:
-                raise ResourceNotFound(path)
-            entry = found
+            return Info.of(path, False, cf.size, cf.mtime or self.started, cf.etag, cf.meta)
+        parent, name = self._split(path)
+        entry = (await self._entries(parent)).get(name)
+        if entry is None:
+            raise ResourceNotFound(path)
+        if meta:
+            await self._verify(parent, [entry])
         return self._info(path, entry)
 
     async def exists(self, path: str) -> bool:
         try:
-            await self.getinfo(path)
+            await self.getinfo(path, meta=False)
         except ResourceNotFound:
             return False
         return True
 
     async def isdir(self, path: str) -> bool:
         try:
-            return (await self.getinfo(path)).is_dir
+            return (await self.getinfo(path, meta=False)).is_dir
         except ResourceNotFound:
             return False
 
     async def isfile(self, path: str) -> bool:
         try:
-            return not (await self.getinfo(path)).is_dir
+            return not (await self.getinfo(path, meta=False)).is_dir
         except ResourceNotFound:
             return False
 
-    async def listinfo(self, path: str = "/") -> list[Info]:
-        """Every entry of a directory with its attributes, from one (cached) listing."""
+    async def listinfo(self, path: str = "/", *, meta: bool = True) -> list[Info]:
+        """Every entry of a directory with its attributes: one (cached) listing, plus, for
+        entries whose metadata is not cached yet, HEADs in parallel."""
         path = self.norm(path)
-        if not (await self.getinfo(path)).is_dir:
+        if not (await self.getinfo(path, meta=False)).is_dir:
             raise NotADirectory(path)
         entries = await self._entries(path)
+        if meta:
+            await self._verify(path, [e for e in entries.values() if e.meta is None])
         return [self._info(posixpath.join(path, n), e) for n, e in sorted(entries.items())]
 
     async def listdir(
@@ -296,7 +394,14 @@ class S3FS:
             raise ReadOnly("read-only mount")
 
     async def makedir(
-        self, path: str, recursive: bool = False, allow_recreate: bool = False
+        self,
+        path: str,
+        recursive: bool = False,
+        allow_recreate: bool = False,
+        *,
+        mode: int = 0o755,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> Info:
         self._check_writable()
         path = self.norm(path)
@@ -314,24 +419,32 @@ class S3FS:
         except ResourceNotFound:
             if not recursive:
                 raise ResourceNotFound(f"{parent}: parent directory does not exist") from None
-            await self.makedir(parent, recursive=True, allow_recreate=True)
+            await self.makedir(parent, recursive=True, allow_recreate=True, uid=uid, gid=gid)
         else:
             if not pinfo.is_dir:
                 raise NotADirectory(parent)
         dkey = self.dir_key(path)
-        await self._put_marker(dkey)
         now = time.time()
-        self.listings.set_entry(self.dir_key(parent), Entry(name, True, mtime=now))
+        headers = with_posix(
+            {}, mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=uid, gid=gid, mtime=now, ctime=now
+        )
+        meta = await self._put_marker(dkey, headers)
+        entry = Entry(name, True, mtime=now, meta=meta)
+        self.listings.set_entry(self.dir_key(parent), entry)
         self.listings.put(dkey, {})  # a new directory is empty: no LIST needed
-        return Info(path=path, is_dir=True, mtime=now)
+        return self._info(path, entry)
 
-    async def _put_marker(self, dkey: str) -> None:
+    async def _put_marker(self, dkey: str, headers: dict[str, str]) -> ObjectMeta:
+        """Write a directory's marker object carrying its metadata."""
+        meta = ObjectMeta(headers, DIR_CONTENT_TYPE)
         await self.run(
             self.storage.write_stream,
             io.BytesIO(b""),
             self._name(dkey),
-            WriteOptions(content_type=DIR_CONTENT_TYPE),
+            WriteOptions(content_type=DIR_CONTENT_TYPE, metadata=headers),
         )
+        self.meta_cache.put(dkey, None, None, meta)
+        return meta
 
     async def removedir(self, path: str, recursive: bool = False, force: bool = False) -> None:
         """Remove a directory (its marker); with ``recursive`` or ``force``, all below it."""
@@ -359,8 +472,7 @@ class S3FS:
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.listings.invalidate_tree(dkey)
-        for key in [k for k in self._attrs if k.startswith(dkey) or k == dkey[:-1]]:
-            del self._attrs[key]
+        self.meta_cache.delete_tree(dkey)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -383,7 +495,7 @@ class S3FS:
             await self.run(self.storage.delete, self._name(key))
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
-        self._attrs.pop(key, None)
+        self.meta_cache.delete(key)
 
     def _forget_file(self, key: str) -> None:
         """Detach an open file from its key: its handles go on working, nothing is uploaded."""
@@ -415,8 +527,14 @@ class S3FS:
         create: bool = False,
         exclusive: bool = False,
         truncate: bool = False,
+        mode: int = 0o644,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> OpenFile:
-        """Open (and maybe create or truncate) a file; nothing is downloaded here."""
+        """Open (and maybe create or truncate) a file; nothing is downloaded here.
+
+        ``mode``, ``uid`` and ``gid`` are the new file's, when this creates it.
+        """
         if write or create or truncate:
             self._check_writable()
         path = self.norm(path)
@@ -435,14 +553,20 @@ class S3FS:
                     raise NotADirectory(parent) from None
                 cf = self.files.new(key, 0, None, self._fetcher(key))
                 cf.mtime = time.time()
+                cf.meta = ObjectMeta(
+                    with_posix({}, mode=stat.S_IFREG | stat.S_IMODE(mode), uid=uid, gid=gid)
+                )
                 cf.dirty = True  # a new file is uploaded on close, even when empty
             else:
                 if info.is_dir:
                     raise IsADirectory(path)
                 if exclusive:
                     raise ResourceExists(path)
+                if info.is_symlink:
+                    raise InvalidPath(f"{path}: a symbolic link")
                 cf = self.files.new(key, info.size, info.etag, self._fetcher(key))
                 cf.mtime = info.mtime
+                cf.meta = info.meta
             self.files.files[key] = cf
         if truncate and cf.size:
             await cf.truncate(0)
@@ -478,21 +602,27 @@ class S3FS:
             return None
         await cf.ensure(0, cf.size)
         generation, key = cf.generation, cf.key
+        mtime = cf.mtime or time.time()
+        meta = ObjectMeta(
+            with_posix(cf.meta.headers, mtime=mtime, ctime=time.time()), cf.meta.content_type
+        )
+        options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
         try:
-            info: ObjectInfo = await self.run(
-                self.storage.write, cf.path, self._name(key), WriteOptions()
-            )
+            info: ObjectInfo = await self.run(self.storage.write, cf.path, self._name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
             raise UploadFailed(str(exc)) from exc
         cf.uploaded(generation, info.etag)
+        cf.meta = ObjectMeta(meta.headers, info.content_type)
+        self.meta_cache.put(key, info.etag, None, cf.meta)
         self._kernel_etags[key] = info.etag
         self._update_listing(key, cf)
         return key, info.etag
 
     def _update_listing(self, key: str, cf: CachedFile) -> None:
         dkey, name = self._dir_key_of(key)
-        self.listings.set_entry(dkey, Entry(name, False, cf.size, cf.mtime or time.time(), cf.etag))
+        entry = Entry(name, False, cf.size, cf.mtime or time.time(), cf.etag, cf.meta)
+        self.listings.set_entry(dkey, entry)
 
     def _dir_key_of(self, key: str) -> tuple[str, str]:
         head, _, name = key[len(self.prefix) :].rpartition(self.sep)
@@ -602,20 +732,149 @@ class S3FS:
         gid: int | None = None,
         mtime: float | None = None,
     ) -> Info:
-        """chmod/chown/utimens: kept in memory for now (persisted in a later version)."""
+        """chmod/chown/utimens, stored in the object's metadata (s3fs-fuse's headers)."""
+        now = time.time()
+
+        def change(info: Info) -> dict[str, str]:
+            full_mode = None
+            if mode is not None:
+                kind = stat.S_IFDIR if info.is_dir else stat.S_IFLNK if info.is_symlink else 0
+                full_mode = (kind or stat.S_IFREG) | stat.S_IMODE(mode)
+            return with_posix(
+                info.meta.headers, mode=full_mode, uid=uid, gid=gid, mtime=mtime, ctime=now
+            )
+
+        return await self._update_meta(path, change, mtime=mtime)
+
+    async def _update_meta(
+        self, path: str, change: Callable[[Info], dict[str, str]], mtime: float | None = None
+    ) -> Info:
+        """Replace a path's metadata: carried by the next upload of a dirty open file, else
+        written now (a copy in place for a file, a PUT of the marker for a directory)."""
         self._check_writable()
         path = self.norm(path)
-        await self.getinfo(path)
-        attrs = self._attrs.setdefault(self.key(path), {})
-        if mode is not None:
-            attrs["mode"] = stat.S_IMODE(mode)
-        if uid is not None:
-            attrs["uid"] = uid
-        if gid is not None:
-            attrs["gid"] = gid
-        if mtime is not None:
-            attrs["mtime"] = mtime
-        return await self.getinfo(path)
+        if path == "/":
+            return await self.getinfo(path)  # the bucket's root has no object to hold it
+        key = self.key(path)
+        cf = self.files.files.get(key)
+        if cf is not None:
+            async with cf.upload_lock:
+                info = await self.getinfo(path)
+                headers = change(info)
+                if headers_size(headers) > MAX_METADATA:
+                    raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
+                cf.meta = ObjectMeta(headers, cf.meta.content_type)
+                if mtime is not None:
+                    cf.mtime = mtime
+                if not cf.dirty and cf.etag is not None:
+                    result = await self._replace_object_meta(key, cf.size, cf.meta)
+                    cf.etag = result.etag
+                    self._update_listing(key, cf)
+            return await self.getinfo(path)
+        info = await self.getinfo(path)
+        headers = change(info)
+        if headers_size(headers) > MAX_METADATA:
+            raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
+        parent, name = self._split(path)
+        if info.is_dir:
+            meta = await self._put_marker(self.dir_key(path), headers)
+            entry = Entry(name, True, mtime=time.time(), meta=meta)
+        else:
+            meta = ObjectMeta(headers, info.meta.content_type)
+            result = await self._replace_object_meta(key, info.size, meta)
+            entry = Entry(
+                name, False, info.size, result.last_modified.timestamp(), result.etag, meta
+            )
+        self.listings.set_entry(self.dir_key(parent), entry)
+        return self._info(path, entry)
+
+    async def _replace_object_meta(self, key: str, size: int, meta: ObjectMeta) -> ObjectInfo:
+        """Copy an object onto itself with new metadata; the data is not uploaded again."""
+        options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
+        name = self._name(key)
+        result: ObjectInfo = await self.run(self.storage.copy, name, name, options, size=size)
+        self.meta_cache.put(key, result.etag, result.last_modified.timestamp(), meta)
+        return result
+
+    # -- symbolic links and extended attributes --------------------------------------------
+
+    async def symlink(
+        self, path: str, target: str, *, uid: int | None = None, gid: int | None = None
+    ) -> Info:
+        """A link in s3fs-fuse's form: the object's body is the target, its mode S_IFLNK."""
+        self._check_writable()
+        path = self.norm(path)
+        if await self.exists(path):
+            raise ResourceExists(path)
+        parent, name = self._split(path)
+        if not (await self.getinfo(parent, meta=False)).is_dir:
+            raise NotADirectory(parent)
+        key = self.key(path)
+        now = time.time()
+        headers = with_posix({}, mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid, mtime=now, ctime=now)
+        body = os.fsencode(target)
+        info: ObjectInfo = await self.run(
+            self.storage.write_stream,
+            io.BytesIO(body),
+            self._name(key),
+            WriteOptions(content_type="application/octet-stream", metadata=headers),
+        )
+        meta = ObjectMeta(headers, "application/octet-stream")
+        self.meta_cache.put(key, info.etag, None, meta)
+        self._link_targets[key] = (info.etag, target)
+        entry = Entry(name, False, len(body), now, info.etag, meta)
+        self.listings.set_entry(self.dir_key(parent), entry)
+        return self._info(path, entry)
+
+    async def readlink(self, path: str) -> str:
+        info = await self.getinfo(path)
+        if not info.is_symlink:
+            raise InvalidPath(f"{path}: not a symbolic link")
+        key = self.key(path)
+        known = self._link_targets.get(key)
+        if known is not None and known[0] == info.etag:
+            return known[1]
+        data = await self.run(
+            self.storage.read_range, self._name(key), 0, max(info.size, 1), info.etag
+        )
+        target = os.fsdecode(data)
+        self._link_targets[key] = (info.etag, target)
+        return target
+
+    async def getxattrs(self, path: str) -> dict[str, bytes]:
+        return (await self.getinfo(path)).meta.xattrs
+
+    async def setxattr(self, path: str, name: str, value: bytes) -> None:
+        if not name.startswith("user."):
+            raise Unsupported(f"{name}: only user.* attributes are stored")
+
+        def change(info: Info) -> dict[str, str]:
+            xattrs = info.meta.xattrs
+            xattrs[name] = value
+            return with_posix(info.meta.headers, xattrs=xattrs, ctime=time.time())
+
+        await self._update_meta(path, change)
+
+    async def removexattr(self, path: str, name: str) -> None:
+        if name not in await self.getxattrs(path):
+            raise NoAttribute(name)
+
+        def change(info: Info) -> dict[str, str]:
+            xattrs = info.meta.xattrs
+            xattrs.pop(name, None)
+            return with_posix(info.meta.headers, xattrs=xattrs, ctime=time.time())
+
+        await self._update_meta(path, change)
+
+    async def object_info(self, path: str) -> ObjectInfo:
+        """A fresh HEAD of the object behind a path (its marker, for a directory)."""
+        info = await self.getinfo(path, meta=False)
+        try:
+            return await self.run(
+                self.storage.head, self._name(self._meta_key(self.norm(path), info.is_dir))
+            )
+        except NotFound:
+            raise NoAttribute(f"{path}: no object behind it (an implicit directory)") from None
 
     # -- rename, move, copy -----------------------------------------------------------------
 
@@ -665,20 +924,26 @@ class S3FS:
                 self._rekey(skey, dkey)
                 await self._upload_locked(cf)
             else:
-                await self.run(
+                result = await self.run(
                     self.storage.copy, self._name(skey), self._name(dkey), size=sinfo.size
                 )
+                self.meta_cache.put(dkey, result.etag, result.last_modified.timestamp(), sinfo.meta)
                 if cf is not None:
                     self._rekey(skey, dkey)
+                    cf.etag = result.etag
             if src_remote:
                 await self.run(self.storage.delete, self._name(skey))
-        self._move_attrs(skey, dkey)
+        self.meta_cache.delete(skey)
+        link = self._link_targets.pop(skey, None)
         sp, sn = self._split(src)
         dp, dn = self._split(dst)
         self.listings.remove_entry(self.dir_key(sp), sn)
-        self.listings.set_entry(
-            self.dir_key(dp), Entry(dn, False, sinfo.size, sinfo.mtime, sinfo.etag)
-        )
+        if cf is not None:
+            self._update_listing(dkey, cf)
+        else:
+            self.listings.invalidate(self.dir_key(dp))  # the copy's ETag and time are new
+            if link is not None:
+                self._link_targets[dkey] = link
 
     async def _rename_dir(self, src: str, dst: str) -> None:
         sdk, ddk = self.dir_key(src), self.dir_key(dst)
@@ -714,13 +979,11 @@ class S3FS:
             raise first_leaf(group) from None
         if sdk not in keys:
             # Keep the moved directory even when it was implicit and is empty now.
-            await self._put_marker(ddk)
+            await self._put_marker(ddk, {})
         await self.run(self.storage.delete_many, keys, self.bucket)
         for key in [k for k in self.files.files if k.startswith(sdk)]:
             self._rekey(key, ddk + key[len(sdk) :])
-        self._move_attrs(sdk[:-1], ddk[:-1])
-        for key in [k for k in self._attrs if k.startswith(sdk)]:
-            self._move_attrs(key, ddk + key[len(sdk) :])
+        self.meta_cache.move_tree(sdk, ddk)
 
     def _rekey(self, skey: str, dkey: str) -> None:
         """An open file now belongs to another key (after a rename)."""
@@ -728,17 +991,6 @@ class S3FS:
         cf.key = dkey
         cf._fetch = self._fetcher(dkey)
         self.files.files[dkey] = cf
-
-    def _written(self, key: str) -> None:
-        """A write sets mtime to now: drop an mtime set earlier by utimens."""
-        attrs = self._attrs.get(key)
-        if attrs:
-            attrs.pop("mtime", None)
-
-    def _move_attrs(self, skey: str, dkey: str) -> None:
-        attrs = self._attrs.pop(skey, None)
-        if attrs is not None:
-            self._attrs[dkey] = attrs
 
     async def move(self, src: str, dst: str, overwrite: bool = False) -> None:
         await self.rename(src, dst, replace_existing=overwrite)
@@ -780,29 +1032,25 @@ class S3FS:
             raise ResourceNotFound(path) from None
 
     async def getmeta(self, path: str) -> dict[str, str]:
-        try:
-            info = await self.run(self.storage.head, self._name(self.key(path)))
-        except NotFound:
-            raise ResourceNotFound(path) from None
-        return info.metadata
+        """The object's user metadata (``x-amz-meta-*``), POSIX headers included."""
+        return dict((await self.getinfo(path)).meta.headers)
 
     async def setmeta(self, path: str, metadata: dict[str, str]) -> None:
-        self._check_writable()
-        try:
-            info = await self.run(
-                self.storage.update_metadata, self._name(self.key(path)), metadata
-            )
-        except NotFound:
-            raise ResourceNotFound(path) from None
-        dp, dn = self._split(self.norm(path))
-        self.listings.set_entry(
-            self.dir_key(dp),
-            Entry(dn, False, info.size, info.last_modified.timestamp(), info.etag),
-        )
+        """Merge ``metadata`` into the object's user metadata (the data is not re-sent)."""
+        await self._update_meta(path, lambda info: {**info.meta.headers, **metadata})
 
     def invalidate(self, path: str = "/") -> None:
-        """Forget cached listings at and below ``path`` (someone changed the bucket)."""
-        self.listings.invalidate_tree(self.dir_key(path))
+        """Forget what is cached at and below ``path``: listings, metadata, the kernel's
+        pages (someone changed the bucket behind the mount's back)."""
+        path = self.norm(path)
+        key, dkey = self.key(path), self.dir_key(path)
+        self.listings.invalidate_tree(dkey)
+        if path != "/":
+            self.listings.invalidate(self.dir_key(self._split(path)[0]))
+            self.meta_cache.delete(key)
+        self.meta_cache.delete_tree(dkey)
+        for k in [k for k in self._kernel_etags if k == key or k.startswith(dkey)]:
+            del self._kernel_etags[k]
 
 
 class OpenFile:
@@ -836,14 +1084,12 @@ class OpenFile:
             raise FSError("file not open for writing")
         n = await self.cf.write(off, data)
         self.cf.mtime = time.time()
-        self.fs._written(self.cf.key)
         return n
 
     async def truncate(self, size: int) -> None:
         self.fs._check_writable()
         await self.cf.truncate(size)
         self.cf.mtime = time.time()
-        self.fs._written(self.cf.key)
 
     def info(self) -> Info:
         """Attributes of the open file (also after it was unlinked)."""

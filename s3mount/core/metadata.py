@@ -1,0 +1,215 @@
+"""POSIX metadata on objects, in s3fs-fuse's format, and a local cache of it.
+
+Headers (user metadata, ``x-amz-meta-NAME``; boto3 shows them without the prefix):
+
+=========  ===============================================================================
+mode       decimal ``st_mode`` with the file-type bits (``S_IFREG``, ``S_IFDIR``, ``S_IFLNK``)
+uid, gid   decimal
+mtime      epoch seconds; fractional (rclone's form) when the time has a fraction
+ctime      epoch seconds, like mtime (also atime, read but not written)
+xattr      URL-encoded JSON object: attribute name -> base64 of its value (s3fs's form)
+=========  ===============================================================================
+
+A listing does not carry user metadata, so it takes a HEAD per object to learn it.  The
+:class:`MetaCache` keeps what HEADs told, keyed by key and checked against the ETag and
+LastModified the listing shows, in a SQLite file in the cache directory: it survives remounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import sqlite3
+import stat
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+log = logging.getLogger(__name__)
+
+MODE, UID, GID, MTIME, CTIME, XATTR = "mode", "uid", "gid", "mtime", "ctime", "xattr"
+MAX_METADATA = 2048  # S3 keeps at most 2 KiB of user metadata per object
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes of user metadata as S3 counts them (names and values)."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What a HEAD told about an object, as far as the file system cares."""
+
+    headers: dict[str, str] = field(default_factory=dict)  # user metadata, all of it
+    content_type: str = ""
+
+    @property
+    def mode(self) -> int | None:
+        return _int(self.headers.get(MODE))
+
+    @property
+    def uid(self) -> int | None:
+        return _int(self.headers.get(UID))
+
+    @property
+    def gid(self) -> int | None:
+        return _int(self.headers.get(GID))
+
+    @property
+    def mtime(self) -> float | None:
+        return _float(self.headers.get(MTIME))
+
+    @property
+    def ctime(self) -> float | None:
+        return _float(self.headers.get(CTIME))
+
+    @property
+    def is_symlink(self) -> bool:
+        m = self.mode
+        return m is not None and stat.S_ISLNK(m)
+
+    @property
+    def xattrs(self) -> dict[str, bytes]:
+        return decode_xattrs(self.headers.get(XATTR, ""))
+
+
+def _int(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def format_time(t: float) -> str:
+    """Whole seconds as s3fs writes them; with nanoseconds as rclone does when needed."""
+    ns = round(t * 1e9)
+    sec, frac = divmod(ns, 1_000_000_000)
+    return str(sec) if frac == 0 else f"{sec}.{frac:09d}"
+
+
+def decode_xattrs(value: str) -> dict[str, bytes]:
+    if not value:
+        return {}
+    try:
+        raw = json.loads(unquote(value))
+        return {str(k): base64.b64decode(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def encode_xattrs(xattrs: dict[str, bytes]) -> str:
+    doc = {k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())}
+    return quote(json.dumps(doc, separators=(",", ":")), safe="")
+
+
+def with_posix(
+    headers: dict[str, str],
+    *,
+    mode: int | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    mtime: float | None = None,
+    ctime: float | None = None,
+    xattrs: dict[str, bytes] | None = None,
+) -> dict[str, str]:
+    """A copy of ``headers`` with the given POSIX fields set."""
+    out = dict(headers)
+    for name, value in ((MODE, mode), (UID, uid), (GID, gid)):
+        if value is not None:
+            out[name] = str(value)
+    if mtime is not None:
+        out[MTIME] = format_time(mtime)
+    if ctime is not None:
+        out[CTIME] = format_time(ctime)
+    if xattrs is not None:
+        if xattrs:
+            out[XATTR] = encode_xattrs(xattrs)
+        else:
+            out.pop(XATTR, None)
+    return out
+
+
+class MetaCache:
+    """Object metadata learned from HEADs, persisted in ``metadata.sqlite``.
+
+    An entry is valid for the object version it was read from: same ETag, and same
+    LastModified when both are known.  Used from the trio thread only.  It is only a cache:
+    when SQLite fails (a full disk, say), the entry is skipped and a HEAD asks again.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # a lost entry only costs a HEAD
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, etag TEXT, "
+            "modified REAL, headers TEXT, content_type TEXT)"
+        )
+
+    def _execute(self, sql: str, args: tuple = (), many: bool = False) -> list[tuple]:
+        try:
+            if many:
+                self._db.executemany(sql, args)
+                return []
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("metadata cache %s: %s", self.path, exc)
+            return []
+
+    def get(self, key: str, etag: str | None, modified: float | None) -> ObjectMeta | None:
+        rows = self._execute(
+            "SELECT etag, modified, headers, content_type FROM meta WHERE key = ?", (key,)
+        )
+        if not rows:
+            return None
+        c_etag, c_modified, headers, ctype = rows[0]
+        if etag is not None and c_etag != etag:
+            return None
+        if modified is not None and c_modified is not None and abs(c_modified - modified) > 1:
+            return None
+        return ObjectMeta(json.loads(headers), ctype or "")
+
+    def put(self, key: str, etag: str | None, modified: float | None, meta: ObjectMeta) -> None:
+        self._execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?, ?, ?, ?)",
+            (key, etag, modified, json.dumps(meta.headers), meta.content_type),
+        )
+
+    def delete(self, key: str) -> None:
+        self._execute("DELETE FROM meta WHERE key = ?", (key,))
+
+    def delete_tree(self, prefix: str) -> None:
+        """Forget ``prefix`` itself and every key below it."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        self._execute("DELETE FROM meta WHERE key = ? OR key LIKE ? ESCAPE '\\'", (prefix, like))
+
+    def move_tree(self, src_prefix: str, dst_prefix: str) -> None:
+        """After a directory rename: entries below ``src_prefix`` move below ``dst_prefix``.
+
+        Their LastModified is forgotten (the copies have new ones); the ETag still decides.
+        """
+        like = src_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._execute(
+            "SELECT key, etag, headers, content_type FROM meta WHERE key LIKE ? ESCAPE '\\'",
+            (like,),
+        )
+        self.delete_tree(src_prefix)
+        self._execute(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?, NULL, ?, ?)",
+            tuple((dst_prefix + k[len(src_prefix) :], e, h, c) for k, e, h, c in rows),
+            many=True,
+        )
+
+    def close(self) -> None:
+        self._db.close()
