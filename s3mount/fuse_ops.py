@@ -172,8 +172,8 @@ class Operations(pyfuse3.Operations):
         a.st_size = info.size
         a.st_blksize = 128 * 1024
         a.st_blocks = (info.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = round(info.mtime * 1e9)
-        a.st_ctime_ns = round((info.ctime or info.mtime) * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = info.mtime_ns or round(info.mtime * 1e9)
+        a.st_ctime_ns = info.ctime_ns or a.st_mtime_ns
         a.attr_timeout = self.opt.attr_timeout
         a.entry_timeout = self.opt.entry_timeout
         return a
@@ -239,7 +239,7 @@ class Operations(pyfuse3.Operations):
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
-                mtime=attr.st_mtime_ns / 1e9 if fields.update_mtime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
         return await self._getattr_path(inode, path)
 

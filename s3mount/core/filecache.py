@@ -51,7 +51,7 @@ class CachedFile:
         self.open_count = 0
         self.unlinked = False
         self.upload_lock = trio.Lock()
-        self.mtime: float | None = None
+        self.mtime_ns: int | None = None  # of the last write (or as set by utimens)
         self.meta = ObjectMeta()  # the object's metadata, uploaded with the data
         self.closed = False
         os.ftruncate(fd, size)

@@ -57,12 +57,12 @@ class ObjectMeta:
         return _int(self.headers.get(GID))
 
     @property
-    def mtime(self) -> float | None:
-        return _float(self.headers.get(MTIME))
+    def mtime_ns(self) -> int | None:
+        return parse_ns(self.headers.get(MTIME))
 
     @property
-    def ctime(self) -> float | None:
-        return _float(self.headers.get(CTIME))
+    def ctime_ns(self) -> int | None:
+        return parse_ns(self.headers.get(CTIME))
 
     @property
     def is_symlink(self) -> bool:
@@ -81,16 +81,19 @@ def _int(v: str | None) -> int | None:
         return None
 
 
-def _float(v: str | None) -> float | None:
+def parse_ns(v: str | None) -> int | None:
+    """Epoch nanoseconds, exactly, from '1700000000' or '1700000000.123456789'."""
+    if not v:
+        return None
+    sec, _, frac = v.strip().partition(".")
     try:
-        return float(v) if v is not None else None
+        return int(sec) * 1_000_000_000 + (int(frac[:9].ljust(9, "0")) if frac else 0)
     except ValueError:
         return None
 
 
-def format_time(t: float) -> str:
+def format_ns(ns: int) -> str:
     """Whole seconds as s3fs writes them; with nanoseconds as rclone does when needed."""
-    ns = round(t * 1e9)
     sec, frac = divmod(ns, 1_000_000_000)
     return str(sec) if frac == 0 else f"{sec}.{frac:09d}"
 
@@ -116,8 +119,8 @@ def with_posix(
     mode: int | None = None,
     uid: int | None = None,
     gid: int | None = None,
-    mtime: float | None = None,
-    ctime: float | None = None,
+    mtime_ns: int | None = None,
+    ctime_ns: int | None = None,
     xattrs: dict[str, bytes] | None = None,
 ) -> dict[str, str]:
     """A copy of ``headers`` with the given POSIX fields set."""
@@ -125,10 +128,10 @@ def with_posix(
     for name, value in ((MODE, mode), (UID, uid), (GID, gid)):
         if value is not None:
             out[name] = str(value)
-    if mtime is not None:
-        out[MTIME] = format_time(mtime)
-    if ctime is not None:
-        out[CTIME] = format_time(ctime)
+    if mtime_ns is not None:
+        out[MTIME] = format_ns(mtime_ns)
+    if ctime_ns is not None:
+        out[CTIME] = format_ns(ctime_ns)
     if xattrs is not None:
         if xattrs:
             out[XATTR] = encode_xattrs(xattrs)

@@ -81,7 +81,8 @@ class Info:
     mode: int | None = None  # permission bits from the object's metadata (None: not set)
     uid: int | None = None
     gid: int | None = None
-    ctime: float | None = None
+    mtime_ns: int = 0  # exact; mtime is the same in seconds
+    ctime_ns: int | None = None
     is_symlink: bool = False
     meta: ObjectMeta = field(default_factory=ObjectMeta)
 
@@ -91,20 +92,32 @@ class Info:
 
     @classmethod
     def of(
-        cls, path: str, is_dir: bool, size: int, modified: float, etag: str | None, meta: ObjectMeta
+        cls,
+        path: str,
+        is_dir: bool,
+        size: int,
+        modified: float,
+        etag: str | None,
+        meta: ObjectMeta,
+        mtime_ns: int | None = None,
     ) -> Info:
         """Attributes from an object's metadata, where it has them, else from S3's own."""
         mode = meta.mode
+        if mtime_ns is None:
+            mtime_ns = meta.mtime_ns
+        if mtime_ns is None:
+            mtime_ns = round(modified * 1e9)
         return cls(
             path=path,
             is_dir=is_dir,
             size=0 if is_dir else size,
-            mtime=meta.mtime if meta.mtime is not None else modified,
+            mtime=mtime_ns / 1e9,
             etag=etag,
             mode=stat.S_IMODE(mode) if mode is not None else None,
             uid=meta.uid,
             gid=meta.gid,
-            ctime=meta.ctime,
+            mtime_ns=mtime_ns,
+            ctime_ns=meta.ctime_ns,
             is_symlink=not is_dir and meta.is_symlink,
             meta=meta,
         )
@@ -223,7 +236,7 @@ class S3FS:
                     name=key[len(dkey) :],
                     is_dir=False,
                     size=cf.size,
-                    mtime=cf.mtime or self.started,
+                    mtime=self._cf_mtime(cf),
                     etag=cf.etag,
                     meta=cf.meta,
                 )
@@ -246,6 +259,15 @@ class S3FS:
             entry.mtime or self.started,
             entry.etag,
             entry.meta or ObjectMeta(),
+        )
+
+    def _cf_mtime(self, cf: CachedFile) -> float:
+        return cf.mtime_ns / 1e9 if cf.mtime_ns is not None else self.started
+
+    def _cf_info(self, path: str, cf: CachedFile) -> Info:
+        """Attributes of an open file, from its local state."""
+        return Info.of(
+            path, False, cf.size, self._cf_mtime(cf), cf.etag, cf.meta, mtime_ns=cf.mtime_ns
         )
 
     # -- metadata ---------------------------------------------------------------------------
@@ -318,7 +340,7 @@ class S3FS:
             return self._info(path, Entry(name="", is_dir=True, mtime=self.started))
         cf = self.files.files.get(self.key(path))
         if cf is not None:
-            return Info.of(path, False, cf.size, cf.mtime or self.started, cf.etag, cf.meta)
+            return self._cf_info(path, cf)
         parent, name = self._split(path)
         entry = (await self._entries(parent)).get(name)
         if entry is None:
@@ -424,12 +446,12 @@ class S3FS:
             if not pinfo.is_dir:
                 raise NotADirectory(parent)
         dkey = self.dir_key(path)
-        now = time.time()
+        now = time.time_ns()
         headers = with_posix(
-            {}, mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=uid, gid=gid, mtime=now, ctime=now
+            {}, mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
         )
         meta = await self._put_marker(dkey, headers)
-        entry = Entry(name, True, mtime=now, meta=meta)
+        entry = Entry(name, True, mtime=now / 1e9, meta=meta)
         self.listings.set_entry(self.dir_key(parent), entry)
         self.listings.put(dkey, {})  # a new directory is empty: no LIST needed
         return self._info(path, entry)
@@ -552,7 +574,7 @@ class S3FS:
                 if not (await self.getinfo(parent)).is_dir:
                     raise NotADirectory(parent) from None
                 cf = self.files.new(key, 0, None, self._fetcher(key))
-                cf.mtime = time.time()
+                cf.mtime_ns = time.time_ns()
                 cf.meta = ObjectMeta(
                     with_posix({}, mode=stat.S_IFREG | stat.S_IMODE(mode), uid=uid, gid=gid)
                 )
@@ -565,12 +587,12 @@ class S3FS:
                 if info.is_symlink:
                     raise InvalidPath(f"{path}: a symbolic link")
                 cf = self.files.new(key, info.size, info.etag, self._fetcher(key))
-                cf.mtime = info.mtime
+                cf.mtime_ns = info.mtime_ns
                 cf.meta = info.meta
             self.files.files[key] = cf
         if truncate and cf.size:
             await cf.truncate(0)
-            cf.mtime = time.time()
+            cf.mtime_ns = time.time_ns()
         cf.open_count += 1
         keep = cf.etag is not None and self._kernel_etags.get(key) == cf.etag
         return OpenFile(self, cf, path, writable=write, keep_cache=keep)
@@ -602,9 +624,10 @@ class S3FS:
             return None
         await cf.ensure(0, cf.size)
         generation, key = cf.generation, cf.key
-        mtime = cf.mtime or time.time()
+        now = time.time_ns()
         meta = ObjectMeta(
-            with_posix(cf.meta.headers, mtime=mtime, ctime=time.time()), cf.meta.content_type
+            with_posix(cf.meta.headers, mtime_ns=cf.mtime_ns or now, ctime_ns=now),
+            cf.meta.content_type,
         )
         options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
         try:
@@ -621,7 +644,7 @@ class S3FS:
 
     def _update_listing(self, key: str, cf: CachedFile) -> None:
         dkey, name = self._dir_key_of(key)
-        entry = Entry(name, False, cf.size, cf.mtime or time.time(), cf.etag, cf.meta)
+        entry = Entry(name, False, cf.size, self._cf_mtime(cf), cf.etag, cf.meta)
         self.listings.set_entry(dkey, entry)
 
     def _dir_key_of(self, key: str) -> tuple[str, str]:
@@ -730,10 +753,10 @@ class S3FS:
         mode: int | None = None,
         uid: int | None = None,
         gid: int | None = None,
-        mtime: float | None = None,
+        mtime_ns: int | None = None,
     ) -> Info:
         """chmod/chown/utimens, stored in the object's metadata (s3fs-fuse's headers)."""
-        now = time.time()
+        now = time.time_ns()
 
         def change(info: Info) -> dict[str, str]:
             full_mode = None
@@ -741,13 +764,13 @@ class S3FS:
                 kind = stat.S_IFDIR if info.is_dir else stat.S_IFLNK if info.is_symlink else 0
                 full_mode = (kind or stat.S_IFREG) | stat.S_IMODE(mode)
             return with_posix(
-                info.meta.headers, mode=full_mode, uid=uid, gid=gid, mtime=mtime, ctime=now
+                info.meta.headers, mode=full_mode, uid=uid, gid=gid, mtime_ns=mtime_ns, ctime_ns=now
             )
 
-        return await self._update_meta(path, change, mtime=mtime)
+        return await self._update_meta(path, change, mtime_ns=mtime_ns)
 
     async def _update_meta(
-        self, path: str, change: Callable[[Info], dict[str, str]], mtime: float | None = None
+        self, path: str, change: Callable[[Info], dict[str, str]], mtime_ns: int | None = None
     ) -> Info:
         """Replace a path's metadata: carried by the next upload of a dirty open file, else
         written now (a copy in place for a file, a PUT of the marker for a directory)."""
@@ -764,8 +787,8 @@ class S3FS:
                 if headers_size(headers) > MAX_METADATA:
                     raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
                 cf.meta = ObjectMeta(headers, cf.meta.content_type)
-                if mtime is not None:
-                    cf.mtime = mtime
+                if mtime_ns is not None:
+                    cf.mtime_ns = mtime_ns
                 if not cf.dirty and cf.etag is not None:
                     result = await self._replace_object_meta(key, cf.size, cf.meta)
                     cf.etag = result.etag
@@ -810,8 +833,10 @@ class S3FS:
         if not (await self.getinfo(parent, meta=False)).is_dir:
             raise NotADirectory(parent)
         key = self.key(path)
-        now = time.time()
-        headers = with_posix({}, mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid, mtime=now, ctime=now)
+        now = time.time_ns()
+        headers = with_posix(
+            {}, mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
+        )
         body = os.fsencode(target)
         info: ObjectInfo = await self.run(
             self.storage.write_stream,
@@ -822,7 +847,7 @@ class S3FS:
         meta = ObjectMeta(headers, "application/octet-stream")
         self.meta_cache.put(key, info.etag, None, meta)
         self._link_targets[key] = (info.etag, target)
-        entry = Entry(name, False, len(body), now, info.etag, meta)
+        entry = Entry(name, False, len(body), now / 1e9, info.etag, meta)
         self.listings.set_entry(self.dir_key(parent), entry)
         return self._info(path, entry)
 
@@ -851,7 +876,7 @@ class S3FS:
         def change(info: Info) -> dict[str, str]:
             xattrs = info.meta.xattrs
             xattrs[name] = value
-            return with_posix(info.meta.headers, xattrs=xattrs, ctime=time.time())
+            return with_posix(info.meta.headers, xattrs=xattrs, ctime_ns=time.time_ns())
 
         await self._update_meta(path, change)
 
@@ -862,7 +887,7 @@ class S3FS:
         def change(info: Info) -> dict[str, str]:
             xattrs = info.meta.xattrs
             xattrs.pop(name, None)
-            return with_posix(info.meta.headers, xattrs=xattrs, ctime=time.time())
+            return with_posix(info.meta.headers, xattrs=xattrs, ctime_ns=time.time_ns())
 
         await self._update_meta(path, change)
 
@@ -1083,17 +1108,17 @@ class OpenFile:
         if not self.writable:
             raise FSError("file not open for writing")
         n = await self.cf.write(off, data)
-        self.cf.mtime = time.time()
+        self.cf.mtime_ns = time.time_ns()
         return n
 
     async def truncate(self, size: int) -> None:
         self.fs._check_writable()
         await self.cf.truncate(size)
-        self.cf.mtime = time.time()
+        self.cf.mtime_ns = time.time_ns()
 
     def info(self) -> Info:
         """Attributes of the open file (also after it was unlinked)."""
-        return Info(self.path, False, self.cf.size, self.cf.mtime or 0.0, self.cf.etag)
+        return self.fs._cf_info(self.path, self.cf)
 
     @property
     def size(self) -> int:
