@@ -19,7 +19,7 @@ from typing import Any
 
 import platformdirs
 
-from s3mount.control import STATUS_XATTR
+from s3mount.control import INVALIDATE_XATTR, STATUS_XATTR
 from s3mount.storage import MiB, TransferSettings
 
 EXIT_OK, EXIT_FAILED = 0, 3
@@ -110,6 +110,14 @@ def add_mount_commands(
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait (600)")
     p.set_defaults(func=cmd_unmount, needs_storage=False)
+
+    p = sub.add_parser(
+        "drop-cache",
+        parents=[common],
+        help="forget what a mount cached at and below PATH (after changes behind its back)",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_drop_cache, needs_storage=False)
 
     p = sub.add_parser("status", parents=[common], help="requests, bytes, dirty files of a mount")
     p.add_argument("mountpoint")
@@ -211,7 +219,7 @@ def read_status(mountpoint: str) -> dict[str, Any]:
         raw = os.getxattr(mountpoint, STATUS_XATTR)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise MountUsageError(f"{mountpoint}: not an s3mount mount") from None
+            raise MountUsageError(f"{mountpoint}: not on an s3mount mount") from None
         raise MountUsageError(f"{mountpoint}: {os.strerror(exc.errno or errno.EIO)}") from None
     return json.loads(raw)
 
@@ -229,6 +237,27 @@ def cmd_status(args: argparse.Namespace, _st: None) -> int:
         print(f"  {name:<24}{n}")
     print(f"bytes in:  {st['bytes_in']}   bytes out: {st['bytes_out']}")
     print(f"open files: {st['open_files']}   dirty: {st['dirty_files']} ({st['dirty_bytes']} B)")
+    return EXIT_OK
+
+
+def mount_root(path: str) -> str:
+    """The mount point of the s3mount mount that holds ``path`` (else a usage error)."""
+    p = os.path.realpath(path)
+    while not os.path.ismount(p) and p != "/":
+        p = os.path.dirname(p)
+    read_status(p)  # raises unless p is an s3mount mount
+    return p
+
+
+def cmd_drop_cache(args: argparse.Namespace, _st: None) -> int:
+    for path in args.paths:
+        mount_root(path)
+        try:
+            os.setxattr(path, INVALIDATE_XATTR, b"1")
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise MountUsageError(f"{path}: not on an s3mount mount") from None
+            raise MountUsageError(f"{path}: {os.strerror(exc.errno or errno.EIO)}") from None
     return EXIT_OK
 
 

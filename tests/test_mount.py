@@ -264,3 +264,28 @@ def test_mount_errors_are_one_line(s3_server, tmp_path: Path) -> None:
     assert not os.path.ismount(tmp_path / "m")
     r = run_cli("--endpoint-url", s3_server.endpoint, "bucket", str(tmp_path / "missing-dir"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_drop_cache_after_changes_behind_the_mount(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    from conftest import run_cli
+
+    m = mount_factory(bucket, "--listing-ttl", "3600", "--attr-timeout", "0.1")
+    (m / "d").mkdir()
+    (m / "d" / "f").write_text("old")
+    assert os.listdir(m / "d") == ["f"]
+    storage.client.put_object(Bucket=bucket, Key="d/new", Body=b"n")
+    storage.client.put_object(
+        Bucket=bucket, Key="d/f", Body=b"changed", Metadata={"mode": str(0o100600)}
+    )
+    time.sleep(0.2)
+    assert os.listdir(m / "d") == ["f"]  # the hour-long listing TTL hides both changes
+    r = run_cli("drop-cache", str(m / "d"))
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.2)  # the kernel's own attribute cache
+    assert sorted(os.listdir(m / "d")) == ["f", "new"]
+    assert (m / "d" / "f").read_text() == "changed"
+    assert os.stat(m / "d" / "f").st_mode & 0o777 == 0o600
+    r = run_cli("drop-cache", "/tmp")
+    assert r.returncode != 0 and "not on an s3mount mount" in r.stderr
