@@ -21,7 +21,7 @@ import pyfuse3
 
 from s3mount.control import INFO_XATTRS, INVALIDATE_XATTR, STATUS_XATTR
 from s3mount.core import S3FS, FSError, Info, OpenFile
-from s3mount.core.errors import first_leaf
+from s3mount.core.errors import Stale, first_leaf
 from s3mount.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def fuse_errors(fn: F) -> F:
                 # S3 and local-disk failures: once here (messages name the key or file).
                 # FSErrors are answers (ENOENT, EEXIST, ...) or were logged by the core.
                 log.warning("%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            elif isinstance(exc, Stale):
+                log.warning("%s: %s (ESTALE)", fn.__name__, exc)
             elif not isinstance(exc, FSError):
                 log.error("%s failed unexpectedly", fn.__name__, exc_info=exc)
             raise pyfuse3.FUSEError(code) from None

@@ -508,16 +508,22 @@ class S3FS:
         cf = self.files.files.get(key)
         remote = info.etag is not None
         if cf is not None:
-            async with cf.upload_lock:  # an upload in flight finishes first
-                remote = cf.etag is not None
-                if cf.open_count and remote:
-                    await cf.ensure(0, cf.size)  # open handles keep reading after the delete
-                self._forget_file(key)
+            remote = await self._detach_open_file(cf)
         if remote:
             await self.run(self.storage.delete, self._name(key))
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.meta_cache.delete(key)
+
+    async def _detach_open_file(self, cf: CachedFile) -> bool:
+        """The object of an open file is about to go (unlink, or a rename over it): its
+        handles keep working on a local copy.  Returns whether the object exists in S3."""
+        async with cf.upload_lock:  # an upload in flight finishes first
+            remote = cf.etag is not None
+            if cf.open_count and remote:
+                await cf.ensure(0, cf.size)  # what readers have not fetched yet
+            self._forget_file(cf.key)
+        return remote
 
     def _forget_file(self, key: str) -> None:
         """Detach an open file from its key: its handles go on working, nothing is uploaded."""
@@ -936,8 +942,9 @@ class S3FS:
     async def _rename_file(self, src: str, dst: str, sinfo: Info, dinfo: Info | None) -> None:
         skey, dkey = self.key(src), self.key(dst)
         cf = self.files.files.get(skey)
-        if dinfo is not None and dkey in self.files.files:
-            self._forget_file(dkey)
+        replaced = self.files.files.get(dkey) if dinfo is not None else None
+        if replaced is not None:
+            await self._detach_open_file(replaced)
         async with contextlib.AsyncExitStack() as stack:
             src_remote = sinfo.etag is not None
             if cf is not None:
