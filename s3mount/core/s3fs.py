@@ -276,8 +276,12 @@ class S3FS:
         """The key that holds a path's metadata: the object, or a directory's marker."""
         return self.dir_key(path) if is_dir else self.key(path)
 
-    async def _verify(self, dir_path: str, entries: list[Entry]) -> None:
-        """Give every entry its metadata: from the local cache, else by HEADs in parallel."""
+    async def _verify(self, dir_path: str, entries: list[Entry], missing_ok: bool = False) -> None:
+        """Give every entry its metadata: from the local cache, else by HEADs in parallel.
+
+        A file found deleted meanwhile leaves the listing (and raises ResourceNotFound,
+        unless ``missing_ok``).
+        """
         todo: list[tuple[str, Entry]] = []
         for e in entries:
             if e.meta is not None:
@@ -294,10 +298,18 @@ class S3FS:
                 todo.append((mkey, e))
         if not todo:
             return
+
+        async def head(mkey: str, e: Entry) -> None:
+            try:
+                await self._head_entry(dir_path, mkey, e)
+            except ResourceNotFound:
+                if not missing_ok:
+                    raise
+
         try:
             async with trio.open_nursery() as nursery:
                 for mkey, e in todo:
-                    nursery.start_soon(self._head_entry, dir_path, mkey, e)
+                    nursery.start_soon(head, mkey, e)
         except ExceptionGroup as group:
             raise first_leaf(group) from None
 
@@ -305,8 +317,8 @@ class S3FS:
         """One HEAD (shared by concurrent askers); the answer also refreshes the entry."""
         pending = self._head_inflight.get(mkey)
         if pending is not None:
-            await pending.wait()
-            e.meta = self.meta_cache.get(mkey, None, None) if e.is_dir else e.meta
+            await pending.wait()  # the other asker's HEAD put its answer in the cache
+            e.meta = e.meta or self.meta_cache.get(mkey, None, None)
             if e.meta is not None:
                 return
         done = self._head_inflight[mkey] = trio.Event()
@@ -376,7 +388,8 @@ class S3FS:
             raise NotADirectory(path)
         entries = await self._entries(path)
         if meta:
-            await self._verify(path, [e for e in entries.values() if e.meta is None])
+            await self._verify(path, list(entries.values()), missing_ok=True)
+            entries = {n: e for n, e in entries.items() if e.meta is not None}
         return [self._info(posixpath.join(path, n), e) for n, e in sorted(entries.items())]
 
     async def listdir(
