@@ -128,6 +128,7 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
         listing_ttl=args.listing_ttl,
         key_sync_timeout=args.key_sync_timeout,
         threads=args.threads,
+        write_back=args.write_back,
     )
     ready_fd = args.ready_fd
 

@@ -2,6 +2,8 @@
 
 STATUS_XATTR = "user.s3mount.status"  # the daemon's status, as JSON
 INVALIDATE_XATTR = "user.s3mount.invalidate"  # set on a path: drop what is cached below it
+SYNC_XATTR = "user.s3mount.sync"  # read on the root: returns once everything is uploaded
+NO_WAIT_XATTR = "user.s3mount.no-wait"  # set on the root: the next unmount leaves the journal
 
 # Read-only facts about the object behind a path: attribute name -> ObjectInfo field
 # ("s3.url" is a presigned GET URL, valid for an hour).

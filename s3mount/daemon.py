@@ -44,6 +44,7 @@ class MountConfig:
     listing_ttl: float = 10.0
     key_sync_timeout: float | None = 1.0
     threads: int = 16
+    write_back: float | None = None  # seconds before a journaled upload starts; None: off
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -93,6 +94,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         listing_ttl=cfg.listing_ttl,
         threads=cfg.threads,
         read_only=cfg.read_only,
+        write_back=cfg.write_back,
     )
     started = time.time()
 
@@ -111,6 +113,9 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             "dirty_files": sum(1 for f in fs.files.files.values() if f.dirty),
             "dirty_bytes": fs.files.dirty_bytes(),
             "cache_dir": cfg.cache_dir,
+            "write_back": cfg.write_back,
+            **fs.writeback.stats(),
+            "recovered": list(fs.recovered),
         }
 
     ops = Operations(fs, cfg.options, status=status)
@@ -128,6 +133,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(_stop_on_signals)
+            nursery.start_soon(fs.writeback.run, fs.upload_record)
             fs.background = nursery  # readahead fetches run here
             await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
             on_ready()
@@ -135,9 +141,15 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         with trio.CancelScope(shield=True):
             fs.background = None
             try:
-                await fs.close()
+                async with trio.open_nursery() as nursery:  # uploads go on while we drain
+                    nursery.start_soon(fs.writeback.run, fs.upload_record)
+                    await fs.close(drain=not ops.no_wait)
+                    nursery.cancel_scope.cancel()
             except Exception as exc:  # already logged with the key; data kept locally
                 log.error("some dirty data could not be uploaded at unmount: %s", exc)
+            if fs.writeback.records:
+                log.warning("%d uploads stay journaled for the next mount",
+                            len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
 

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from s3mount.control import INFO_XATTRS, INVALIDATE_XATTR, STATUS_XATTR
+from s3mount.control import (
+    INFO_XATTRS,
+    INVALIDATE_XATTR,
+    NO_WAIT_XATTR,
+    STATUS_XATTR,
+    SYNC_XATTR,
+)
 from s3mount.core import S3FS, FSError, Info, OpenFile
 from s3mount.core.errors import Stale, first_leaf
 from s3mount.storage import StorageError
@@ -107,6 +113,7 @@ class Operations(pyfuse3.Operations):
         self._handle_inode: dict[int, int] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self.no_wait = False  # the next unmount leaves journaled uploads for the next mount
 
     # -- inode table ------------------------------------------------------------------------
 
@@ -428,6 +435,9 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         if n == STATUS_XATTR and inode == pyfuse3.ROOT_INODE and self._status:
             return json.dumps(self._status()).encode()
+        if n == SYNC_XATTR and inode == pyfuse3.ROOT_INODE:
+            await self.fs.sync()
+            return b"synced"
         if n in INFO_XATTRS:
             if n == "s3.url":
                 return (await self.fs.getpathurl(path)).encode()
@@ -451,6 +461,8 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         if n == INVALIDATE_XATTR:
             self.fs.invalidate(path)
+        elif n == NO_WAIT_XATTR and inode == pyfuse3.ROOT_INODE:
+            self.no_wait = True
         elif n in INFO_XATTRS or n.startswith("user.s3mount."):
             raise pyfuse3.FUSEError(errno.EPERM)
         else:

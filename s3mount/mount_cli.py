@@ -19,7 +19,7 @@ from typing import Any
 
 import platformdirs
 
-from s3mount.control import INVALIDATE_XATTR, STATUS_XATTR
+from s3mount.control import INVALIDATE_XATTR, NO_WAIT_XATTR, STATUS_XATTR, SYNC_XATTR
 from s3mount.storage import MiB, TransferSettings
 
 EXIT_OK, EXIT_FAILED = 0, 3
@@ -95,6 +95,13 @@ def add_mount_commands(
     )
     p.add_argument("--threads", type=int, default=16, help="parallel S3 requests (16)")
     p.add_argument(
+        "--write-back",
+        type=float,
+        metavar="SECONDS",
+        help="close() returns once the data is journaled on local disk; uploads "
+        "start SECONDS later, in the background (default: upload at close)",
+    )
+    p.add_argument(
         "--part-size",
         type=int,
         default=16,
@@ -109,7 +116,18 @@ def add_mount_commands(
     p = sub.add_parser("unmount", parents=[common], help="upload dirty data, unmount, wait")
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait (600)")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="do not wait for journaled uploads: they finish at the next mount",
+    )
     p.set_defaults(func=cmd_unmount, needs_storage=False)
+
+    p = sub.add_parser(
+        "sync", parents=[common], help="return once everything written to the mount is in S3"
+    )
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_sync, needs_storage=False)
 
     p = sub.add_parser(
         "drop-cache",
@@ -149,7 +167,7 @@ def apply_o_options(args: argparse.Namespace, parser_defaults: dict[str, Any]) -
             conv = {"uid": int, "gid": int, "umask": lambda s: int(s, 8), "threads": int,
                     "part_size": int, "listing_ttl": float, "attr_timeout": float,
                     "negative_timeout": float, "key_sync_timeout": _optional_float,
-                    "retries": int}.get(name, str)  # fmt: skip
+                    "write_back": float, "retries": int}.get(name, str)  # fmt: skip
             try:
                 setattr(args, name, conv(value))
             except ValueError:
@@ -237,6 +255,15 @@ def cmd_status(args: argparse.Namespace, _st: None) -> int:
         print(f"  {name:<24}{n}")
     print(f"bytes in:  {st['bytes_in']}   bytes out: {st['bytes_out']}")
     print(f"open files: {st['open_files']}   dirty: {st['dirty_files']} ({st['dirty_bytes']} B)")
+    if st.get("write_back") is not None or st.get("pending_uploads"):
+        print(
+            f"pending uploads: {st['pending_uploads']} ({st['pending_bytes']} B), "
+            f"{st['uploading']} in flight, {st['upload_failures']} failed tries"
+        )
+        if st.get("last_upload_error"):
+            print(f"last upload error: {st['last_upload_error']}")
+    for path in st.get("recovered", []):
+        print(f"recovered (not uploaded): {path}")
     return EXIT_OK
 
 
@@ -261,9 +288,22 @@ def cmd_drop_cache(args: argparse.Namespace, _st: None) -> int:
     return EXIT_OK
 
 
+def cmd_sync(args: argparse.Namespace, _st: None) -> int:
+    read_status(args.mountpoint)
+    try:
+        os.getxattr(args.mountpoint, SYNC_XATTR)
+    except OSError as exc:
+        raise MountUsageError(
+            f"{args.mountpoint}: some uploads failed: {os.strerror(exc.errno or errno.EIO)}"
+        ) from None
+    return EXIT_OK
+
+
 def cmd_unmount(args: argparse.Namespace, _st: None) -> int:
     mnt = args.mountpoint
     pid = read_status(mnt)["pid"]
+    if args.no_wait:
+        os.setxattr(mnt, NO_WAIT_XATTR, b"1")
     r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if r.returncode != 0:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"

@@ -54,6 +54,9 @@ class CachedFile:
         self.mtime_ns: int | None = None  # of the last write (or as set by utimens)
         self.meta = ObjectMeta()  # the object's metadata, uploaded with the data
         self.closed = False
+        # The journal holds a hard link to this file: copy it before changing it.
+        self.shared = False
+        self.tracked: str | None = None  # the path the journal knows we are writing
         os.ftruncate(fd, size)
 
     # -- reading ---------------------------------------------------------------------------
@@ -145,7 +148,23 @@ class CachedFile:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def _unshare(self, keep: int) -> None:
+        """Copy-on-write: move to a private copy of the first ``keep`` bytes."""
+        fd, path = tempfile.mkstemp(prefix="open-", dir=os.path.dirname(self.path))
+        done = 0
+        while done < keep:
+            n = os.copy_file_range(self.fd, fd, keep - done, done, done)
+            if n == 0:
+                break
+            done += n
+        os.ftruncate(fd, self.size)
+        os.close(self.fd)
+        os.unlink(self.path)  # the journal's link keeps the data it promised
+        self.fd, self.path, self.shared = fd, path, False
+
     async def write(self, off: int, data: bytes) -> int:
+        if self.shared:
+            self._unshare(self.size)
         end = off + len(data)
         # Only blocks the write covers partially need their old bytes.
         edges = {off // BLOCK, (end - 1) // BLOCK} if data else set()
@@ -162,6 +181,8 @@ class CachedFile:
         return n
 
     async def truncate(self, size: int) -> None:
+        if self.shared:
+            self._unshare(min(size, self.size))
         if size < self.fetch_limit and size % BLOCK:
             await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
         self.fetch_limit = min(self.fetch_limit, size)
@@ -177,6 +198,13 @@ class CachedFile:
         """The object now holds the local file as of ``generation`` (which was all present)."""
         self.etag = etag
         self.fetch_limit = 0
+        if self.generation == generation:
+            self.dirty = False
+
+    def journaled(self, generation: int) -> None:
+        """The journal now holds the local file as of ``generation`` (all of it present)."""
+        self.fetch_limit = 0
+        self.shared = True
         if self.generation == generation:
             self.dirty = False
 
@@ -200,6 +228,19 @@ class FileCache:
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
         fd, path = tempfile.mkstemp(prefix="open-", dir=self.directory)  # mode 0600
         return CachedFile(path, fd, key, size, etag, fetch)
+
+    def from_data(
+        self, key: str, data: str, size: int, etag: str | None, fetch: Fetcher
+    ) -> CachedFile:
+        """An open file whose content is a journaled data file (linked, copied on write)."""
+        path = os.path.join(self.directory, f"open-{os.path.basename(data)}-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.link(data, path)
+        cf = CachedFile(path, os.open(path, os.O_RDWR), key, size, etag, fetch)
+        cf.fetch_limit = 0
+        cf.shared = True
+        return cf
 
     def leftovers(self) -> list[str]:
         """Temp files in the cache directory that no open file owns (a dead daemon's)."""

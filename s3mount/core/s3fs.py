@@ -42,6 +42,7 @@ from s3mount.core.errors import (
     first_leaf,
 )
 from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
+from s3mount.core.journal import Journal, Record
 from s3mount.core.listing import NAME_MAX, DirListing, Entry, ListingCache, entries_from_pages
 from s3mount.core.metadata import (
     MAX_METADATA,
@@ -51,6 +52,7 @@ from s3mount.core.metadata import (
     with_posix,
 )
 from s3mount.core.runner import ThreadRunner
+from s3mount.core.writeback import WriteBack
 from s3mount.storage import (
     NotFound,
     ObjectInfo,
@@ -138,6 +140,7 @@ class S3FS:
         listing_ttl: float = 10.0,
         threads: int = 16,
         read_only: bool = False,
+        write_back: float | None = None,
     ):
         if len(separator) != 1:
             raise ValueError("the separator must be one character")
@@ -160,6 +163,12 @@ class S3FS:
         self._kernel_etags: dict[str, str] = {}  # ETag whose data a reader last saw, by key
         self.recovery_dir = os.path.join(cache_dir, "unsaved")
         self.background: trio.Nursery | None = None  # for readahead; set by the daemon
+        # Write-back mode (write_back = the delay before an upload starts): close() journals,
+        # uploads run later.  The scheduler also finishes what an earlier mount journaled.
+        self.write_back = write_back
+        self.journal = Journal(cache_dir)
+        self.writeback = WriteBack(self.journal, write_back or 0.0, workers=max(2, threads // 2))
+        self.recovered: list[str] = []  # data of files being written when a daemon died
         self._recover_leftovers()
 
     # -- paths and keys ---------------------------------------------------------------------
@@ -229,7 +238,13 @@ class S3FS:
                 done.set()
 
     def _local_entries(self, dkey: str) -> Iterator[Entry]:
-        """Files open in this directory (possibly not uploaded yet)."""
+        """Files open in this directory, and journaled ones: not in S3 yet, maybe."""
+        for record in list(self.writeback.records.values()):
+            key = record.key
+            if key.startswith(dkey) and self.sep not in key[len(dkey) :] and key != dkey:
+                newest = self.writeback.pending_for(key)
+                if newest is record and key not in self.files.files:
+                    yield self._record_entry(key[len(dkey) :], record)
         for key, cf in self.files.files.items():
             if key.startswith(dkey) and self.sep not in key[len(dkey) :] and key != dkey:
                 yield Entry(
@@ -260,6 +275,12 @@ class S3FS:
             entry.etag,
             entry.meta or ObjectMeta(),
         )
+
+    @staticmethod
+    def _record_entry(name: str, record: Record) -> Entry:
+        meta = ObjectMeta(record.headers, record.content_type)
+        mtime = (meta.mtime_ns or int(record.created * 1e9)) / 1e9
+        return Entry(name, False, record.size, mtime, record.base_etag, meta)
 
     def _cf_mtime(self, cf: CachedFile) -> float:
         return cf.mtime_ns / 1e9 if cf.mtime_ns is not None else self.started
@@ -350,9 +371,13 @@ class S3FS:
         path = self.norm(path)
         if path == "/":
             return self._info(path, Entry(name="", is_dir=True, mtime=self.started))
-        cf = self.files.files.get(self.key(path))
+        key = self.key(path)
+        cf = self.files.files.get(key)
         if cf is not None:
             return self._cf_info(path, cf)
+        record = self.writeback.pending_for(key)
+        if record is not None:
+            return self._info(path, self._record_entry(posixpath.basename(path), record))
         parent, name = self._split(path)
         entry = (await self._entries(parent)).get(name)
         if entry is None:
@@ -496,6 +521,7 @@ class S3FS:
         if entries and not (recursive or force):
             raise DirectoryNotEmpty(path)
         if entries:
+            self.writeback.discard(dkey, prefix=True)
             for key in [k for k in self.files.files if k.startswith(dkey)]:
                 self._forget_file(key)
             keys = await self.run(
@@ -520,8 +546,11 @@ class S3FS:
         key = self.key(path)
         cf = self.files.files.get(key)
         remote = info.etag is not None
+        if self.writeback.pending_for(key) is not None:
+            self.writeback.discard(key)
+            remote = True  # an earlier version may have reached S3 meanwhile
         if cf is not None:
-            remote = await self._detach_open_file(cf)
+            remote = await self._detach_open_file(cf) or remote
         if remote:
             await self.run(self.storage.delete, self._name(key))
         parent, name = self._split(path)
@@ -542,6 +571,7 @@ class S3FS:
         """Detach an open file from its key: its handles go on working, nothing is uploaded."""
         cf = self.files.files.pop(key, None)
         if cf is not None:
+            self._untrack(cf)
             cf.unlinked = True
             if cf.open_count == 0:
                 cf.close()
@@ -583,6 +613,13 @@ class S3FS:
         cf = self.files.files.get(key)
         if cf is not None and exclusive:
             raise ResourceExists(path)
+        record = self.writeback.pending_for(key) if cf is None else None
+        if record is not None:  # journaled, maybe not uploaded yet: open the journal's data
+            cf = self.files.from_data(key, record.data, record.size, record.base_etag,
+                                      self._fetcher(key))  # fmt: skip
+            cf.meta = ObjectMeta(record.headers, record.content_type)
+            cf.mtime_ns = cf.meta.mtime_ns
+            self.files.files[key] = cf
         if cf is None:
             try:
                 info = await self.getinfo(path)
@@ -598,6 +635,7 @@ class S3FS:
                     with_posix({}, mode=stat.S_IFREG | stat.S_IMODE(mode), uid=uid, gid=gid)
                 )
                 cf.dirty = True  # a new file is uploaded on close, even when empty
+                self._track(cf)
             else:
                 if info.is_dir:
                     raise IsADirectory(path)
@@ -612,6 +650,7 @@ class S3FS:
         if truncate and cf.size:
             await cf.truncate(0)
             cf.mtime_ns = time.time_ns()
+            self._track(cf)
         cf.open_count += 1
         keep = cf.etag is not None and self._kernel_etags.get(key) == cf.etag
         return OpenFile(self, cf, path, writable=write, keep_cache=keep)
@@ -628,11 +667,99 @@ class S3FS:
         return fetch
 
     async def flush_file(self, cf: CachedFile) -> None:
-        """Upload a dirty file (fetching what it still lacks); keeps it dirty on failure."""
+        """Save a dirty file: upload it now, or in write-back mode journal it for a later
+        upload.  On failure it stays dirty (and in the local cache)."""
         async with cf.upload_lock:
+            if self.write_back is not None:
+                await self._journal_locked(cf)
+                return
             uploaded = await self._upload_locked(cf)
         if uploaded is not None:
             await self.confirm_key(*uploaded)
+
+    def _headers_for_upload(self, cf: CachedFile) -> ObjectMeta:
+        now = time.time_ns()
+        headers = with_posix(cf.meta.headers, mtime_ns=cf.mtime_ns or now, ctime_ns=now)
+        return ObjectMeta(headers, cf.meta.content_type)
+
+    async def _journal_locked(self, cf: CachedFile) -> None:
+        """Write-back mode: make the file durable locally and journal it; upload later."""
+        if not cf.dirty or cf.unlinked:
+            return
+        await cf.ensure(0, cf.size)
+        generation = cf.generation
+        meta = self._headers_for_upload(cf)
+        await trio.to_thread.run_sync(os.fsync, cf.fd)  # the slow part, off the event loop
+        record = self.journal.add(
+            cf.key, cf.fd, cf.path, cf.size, meta.headers, meta.content_type, cf.etag
+        )
+        cf.journaled(generation)
+        cf.meta = meta
+        if not cf.dirty:
+            self._untrack(cf)
+        self.writeback.add(record)
+        self._update_listing(cf.key, cf)
+
+    async def upload_record(self, record: Record) -> None:
+        """Upload one journaled version (called by the write-back scheduler)."""
+        if record.base_etag is not None and await self._changed_remotely(
+            record.key, record.base_etag
+        ):
+            self._keep_conflict(record.key, record.data)
+            return
+        options = WriteOptions(content_type=record.content_type or None, metadata=record.headers)
+        info: ObjectInfo = await self.run(
+            self.storage.write, record.data, self._name(record.key), options
+        )
+        meta = ObjectMeta(record.headers, info.content_type)
+        self.meta_cache.put(record.key, info.etag, None, meta)
+        for later in self.writeback.records.values():  # they build on this version now
+            if later.key == record.key and later.id != record.id:
+                later.base_etag = info.etag
+        cf = self.files.files.get(record.key)
+        if cf is not None and cf.etag == record.base_etag:
+            cf.etag = info.etag
+        newest = self.writeback.pending_for(record.key)
+        if newest is None or newest.id == record.id:
+            dkey, name = self._dir_key_of(record.key)
+            mtime = (meta.mtime_ns or time.time_ns()) / 1e9
+            self.listings.set_entry(dkey, Entry(name, False, record.size, mtime, info.etag, meta))
+        await self.confirm_key(record.key, info.etag)
+
+    async def _changed_remotely(self, key: str, base_etag: str) -> bool:
+        """Whether another client replaced the object since our change was based on it."""
+        found, info = await self.run(self.storage.exists, self._name(key))
+        return found and info is not None and info.etag != base_etag
+
+    def _keep_conflict(self, key: str, data_path: str) -> None:
+        dest = self._unsaved_path(key, "conflict")
+        _makedirs_private(os.path.dirname(dest))
+        os.link(data_path, dest)
+        self.recovered.append(dest)
+        log.error(
+            "%s was changed by another client since it was opened here; the other version "
+            "stays in S3 and this one is kept in %s",
+            key,
+            dest,
+        )
+
+    def _unsaved_path(self, key: str, kind: str = "") -> str:
+        parts = [self.bucket, *key.split("/")]
+        suffix = f".{time.time_ns()}" + (f".{kind}" if kind else "")
+        return os.path.join(self.recovery_dir, *parts) + suffix
+
+    def _track(self, cf: CachedFile) -> None:
+        """Tell the journal this temp file holds unsaved changes of its key."""
+        if cf.tracked != cf.path:
+            if cf.tracked:
+                self.journal.written(cf.tracked)
+            self.journal.writing(cf.path, cf.key)
+            cf.tracked = cf.path
+
+    def _untrack(self, cf: CachedFile) -> None:
+        if cf.tracked:
+            self.journal.written(cf.tracked)
+            cf.tracked = None
 
     async def _upload_locked(self, cf: CachedFile) -> tuple[str, str] | None:
         """Upload ``cf`` (its upload lock held, so no rename or unlink can interleave).
@@ -643,18 +770,21 @@ class S3FS:
             return None
         await cf.ensure(0, cf.size)
         generation, key = cf.generation, cf.key
-        now = time.time_ns()
-        meta = ObjectMeta(
-            with_posix(cf.meta.headers, mtime_ns=cf.mtime_ns or now, ctime_ns=now),
-            cf.meta.content_type,
-        )
+        meta = self._headers_for_upload(cf)
         options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
         try:
+            if cf.etag is not None and await self._changed_remotely(key, cf.etag):
+                self._keep_conflict(key, cf.path)
+                cf.dirty = False  # kept in the unsaved folder; S3 keeps the other version
+                self._untrack(cf)
+                raise Stale(f"{key}: changed by another client since it was opened")
             info: ObjectInfo = await self.run(self.storage.write, cf.path, self._name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
             raise UploadFailed(str(exc)) from exc
         cf.uploaded(generation, info.etag)
+        if not cf.dirty:
+            self._untrack(cf)
         cf.meta = ObjectMeta(meta.headers, info.content_type)
         self.meta_cache.put(key, info.etag, None, cf.meta)
         self._kernel_etags[key] = info.etag
@@ -680,16 +810,16 @@ class S3FS:
             if cf.open_count == 0:
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
-                elif not cf.unlinked and cf.etag:
+                elif not cf.unlinked and cf.etag and not cf.shared:
                     self._kernel_etags[cf.key] = cf.etag
                 if self.files.files.get(cf.key) is cf:
                     del self.files.files[cf.key]
+                self._untrack(cf)
                 cf.close()
 
     def _keep_unsaved(self, cf: CachedFile) -> None:
         """Keep data that could not be uploaded, under the cache dir, named by its key."""
-        parts = [self.bucket, *cf.key.split("/")]
-        dest = os.path.join(self.recovery_dir, *parts) + f".{time.time_ns()}"
+        dest = self._unsaved_path(cf.key)
         try:
             _makedirs_private(os.path.dirname(dest))
             os.link(cf.path, dest)
@@ -698,24 +828,34 @@ class S3FS:
             log.error("could not upload %s nor keep it in %s: %s", cf.key, dest, exc)
 
     def _recover_leftovers(self) -> None:
-        """Temp files of a daemon that died: keep their data in the unsaved folder."""
+        """Temp files of a daemon that died.  Those the journal knew were being written are
+        kept in the unsaved folder, named by key (never uploaded over the object); the others
+        only cached what S3 has, and go."""
+        writing = dict(self.journal.interrupted())
         for path in self.files.leftovers():
-            if os.path.getsize(path) == 0:
+            key = writing.get(path)
+            if key is None:
                 os.unlink(path)
                 continue
-            dest = os.path.join(self.recovery_dir, "orphans", os.path.basename(path))
+            dest = self._unsaved_path(key, "interrupted")
             _makedirs_private(os.path.dirname(dest))
             os.replace(path, dest)
-            log.error("a previous daemon left unsaved data; it is kept in %s", dest)
+            self.recovered.append(dest)
+            log.error("%s was being written when the daemon died; its data is kept in %s",
+                      key, dest)  # fmt: skip
+        if self.writeback.records:
+            log.info("%d journaled uploads to finish", len(self.writeback.records))
 
-    async def close(self) -> None:
-        """Shut down: upload what is dirty, keep what cannot be, free every temp file."""
+    async def close(self, drain: bool = True) -> None:
+        """Shut down: save what is dirty (keeping what cannot be), upload what is journaled
+        unless ``drain`` is False (it stays journaled for the next mount), free temp files."""
         try:
-            await self.sync()
+            await self.sync(drain=drain)
         finally:
             for cf in list(self.files.files.values()):
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
+                self._untrack(cf)
                 cf.close()
             self.files.files.clear()
 
@@ -751,8 +891,9 @@ class S3FS:
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def sync(self) -> None:
-        """Upload every dirty open file; try them all, then report the first failure."""
+    async def sync(self, drain: bool = True) -> None:
+        """Save every dirty open file (try them all, then report the first failure); then,
+        with ``drain``, wait until everything journaled is uploaded."""
         failures: list[FSError] = []
         for cf in list(self.files.files.values()):
             if cf.dirty:
@@ -760,6 +901,8 @@ class S3FS:
                     await self.flush_file(cf)
                 except FSError as exc:
                     failures.append(exc)
+        if drain:
+            await self.writeback.drain()
         if failures:
             raise failures[0]
 
@@ -798,6 +941,7 @@ class S3FS:
         if path == "/":
             return await self.getinfo(path)  # the bucket's root has no object to hold it
         key = self.key(path)
+        await self.writeback.settle(key)  # metadata changes apply to what S3 has
         cf = self.files.files.get(key)
         if cf is not None:
             async with cf.upload_lock:
@@ -930,6 +1074,10 @@ class S3FS:
             return
         if dst.startswith(src + "/") or src == "/":
             raise InvalidPath(f"cannot move {src} into itself")
+        # Journaled versions go to S3 first: a rename moves what S3 has.
+        await self.writeback.settle(self.key(src))
+        await self.writeback.settle(self.dir_key(src), prefix=True)
+        await self.writeback.settle(self.key(dst))
         sinfo = await self.getinfo(src)
         try:
             dinfo: Info | None = await self.getinfo(dst)
@@ -1036,6 +1184,8 @@ class S3FS:
         cf.key = dkey
         cf._fetch = self._fetcher(dkey)
         self.files.files[dkey] = cf
+        if cf.tracked:
+            self.journal.writing(cf.tracked, dkey)
 
     async def move(self, src: str, dst: str, overwrite: bool = False) -> None:
         await self.rename(src, dst, replace_existing=overwrite)
@@ -1055,6 +1205,7 @@ class S3FS:
         cf = self.files.files.get(self.key(src))
         if cf is not None and cf.dirty:
             await self.flush_file(cf)
+        await self.writeback.settle(self.key(src))
         info = await self.run(
             self.storage.copy, self._name(self.key(src)), self._name(self.key(dst))
         )
@@ -1129,12 +1280,14 @@ class OpenFile:
             raise FSError("file not open for writing")
         n = await self.cf.write(off, data)
         self.cf.mtime_ns = time.time_ns()
+        self.fs._track(self.cf)
         return n
 
     async def truncate(self, size: int) -> None:
         self.fs._check_writable()
         await self.cf.truncate(size)
         self.cf.mtime_ns = time.time_ns()
+        self.fs._track(self.cf)
 
     def info(self) -> Info:
         """Attributes of the open file (also after it was unlinked)."""
