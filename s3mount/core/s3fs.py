@@ -169,6 +169,7 @@ class S3FS:
         self.journal = Journal(cache_dir)
         self.writeback = WriteBack(self.journal, write_back or 0.0, workers=max(2, threads // 2))
         self.recovered: list[str] = []  # data of files being written when a daemon died
+        self._renaming: dict[str, trio.Event] = {}  # keys a rename is replacing right now
         self._recover_leftovers()
 
     # -- paths and keys ---------------------------------------------------------------------
@@ -610,6 +611,8 @@ class S3FS:
             self._check_writable()
         path = self.norm(path)
         key = self.key(path)
+        while key in self._renaming:  # opened mid-rename, it would read a vanishing version
+            await self._renaming[key].wait()
         cf = self.files.files.get(key)
         if cf is not None and exclusive:
             raise ResourceExists(path)
@@ -1102,6 +1105,17 @@ class S3FS:
 
     async def _rename_file(self, src: str, dst: str, sinfo: Info, dinfo: Info | None) -> None:
         skey, dkey = self.key(src), self.key(dst)
+        done = trio.Event()
+        self._renaming[skey] = self._renaming[dkey] = done
+        try:
+            await self._rename_file_now(src, dst, skey, dkey, sinfo, dinfo)
+        finally:
+            del self._renaming[skey], self._renaming[dkey]
+            done.set()
+
+    async def _rename_file_now(
+        self, src: str, dst: str, skey: str, dkey: str, sinfo: Info, dinfo: Info | None
+    ) -> None:
         cf = self.files.files.get(skey)
         replaced = self.files.files.get(dkey) if dinfo is not None else None
         if replaced is not None:
