@@ -38,6 +38,9 @@ class Record:
 
 class Journal:
     def __init__(self, cache_dir: str):
+        # Paths are stored relative to the cache directory, which may be moved or restored
+        # from a copy.
+        self.cache_dir = cache_dir
         self.dir = os.path.join(cache_dir, "pending")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         path = os.path.join(cache_dir, "journal.sqlite")
@@ -77,7 +80,15 @@ class Journal:
         cur = self._db.execute(
             "INSERT INTO pending (key, data, size, headers, content_type, base_etag, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, data, size, json.dumps(headers), content_type, base_etag, created),
+            (
+                key,
+                os.path.basename(data),
+                size,
+                json.dumps(headers),
+                content_type,
+                base_etag,
+                created,
+            ),  # fmt: skip
         )
         return Record(
             int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
@@ -88,7 +99,11 @@ class Journal:
             "SELECT id, key, data, size, headers, content_type, base_etag, created "
             "FROM pending ORDER BY id"
         ).fetchall()
-        return [Record(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7]) for r in rows]
+        return [
+            Record(r[0], r[1], os.path.join(self.dir, os.path.basename(r[2])), r[3],
+                   json.loads(r[4]), r[5], r[6], r[7])
+            for r in rows
+        ]  # fmt: skip
 
     def done(self, record: Record) -> None:
         """S3 has it (or it was superseded or unlinked): forget the record and its data."""
@@ -103,16 +118,18 @@ class Journal:
     # -- files being written ---------------------------------------------------------------
 
     def writing(self, path: str, key: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO writing VALUES (?, ?)", (path, key))
+        """The temp file ``path`` (in CACHE_DIR/open) holds unsaved changes of ``key``."""
+        name = os.path.basename(path)
+        self._db.execute("INSERT OR REPLACE INTO writing VALUES (?, ?)", (name, key))
 
     def written(self, path: str) -> None:
-        self._db.execute("DELETE FROM writing WHERE path = ?", (path,))
+        self._db.execute("DELETE FROM writing WHERE path = ?", (os.path.basename(path),))
 
     def interrupted(self) -> list[tuple[str, str]]:
         """(temp path, key) of files a dead daemon was writing; the rows are removed."""
         rows = self._db.execute("SELECT path, key FROM writing").fetchall()
         self._db.execute("DELETE FROM writing")
-        return [(p, k) for p, k in rows]
+        return [(os.path.join(self.cache_dir, "open", os.path.basename(p)), k) for p, k in rows]
 
     def close(self) -> None:
         self._db.close()

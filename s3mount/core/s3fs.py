@@ -705,6 +705,10 @@ class S3FS:
 
     async def upload_record(self, record: Record) -> None:
         """Upload one journaled version (called by the write-back scheduler)."""
+        if not os.path.exists(record.data):
+            # Cannot happen unless someone deleted it from the cache directory by hand.
+            log.error("journaled data of %s is missing (%s); dropping it", record.key, record.data)
+            return
         if record.base_etag is not None and await self._changed_remotely(
             record.key, record.base_etag
         ):

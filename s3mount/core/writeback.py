@@ -72,6 +72,7 @@ class WriteBack:
                      for k in self._uploading)  # fmt: skip
 
         self._urgent += 1
+        self._notify()
         try:
             while mine():
                 await self._wait_change()

@@ -1,0 +1,231 @@
+"""Write-back mode and crash safety: whatever close() accepted ends up in S3."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mount, run_cli
+from faultproxy import FaultProxy
+
+from s3mount.storage import Storage
+
+
+def keys(storage: Storage, bucket: str) -> set[str]:
+    return {k.key for k in storage.bucket_list_keys(bucket)}
+
+
+def body(storage: Storage, bucket: str, key: str) -> bytes:
+    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def kill_daemon(m: Mount) -> None:
+    assert m.pid
+    os.kill(m.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    m.pid = None
+
+
+def wait_for(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def proxied_wb(s3_server, bucket: str, tmp_path: Path) -> Iterator[tuple[Mount, FaultProxy]]:
+    with FaultProxy(s3_server.port) as proxy:
+        m = Mount(proxy.endpoint, bucket, tmp_path / "m", tmp_path / "cache",
+                  "--write-back", "0", "--retries", "2")  # fmt: skip
+        try:
+            yield m.mount(), proxy
+        finally:
+            proxy.clear()
+            m.cleanup()
+
+
+def test_close_returns_before_upload_and_sync_waits(mount_factory, bucket, storage) -> None:
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    payload = os.urandom(300_000)
+    (m / "late.bin").write_bytes(payload)
+    (m / "dir").mkdir()
+    (m / "dir" / "small.txt").write_text("small")
+    # journaled, not uploaded: readers and listings already see the new data
+    assert "late.bin" not in keys(storage, bucket)
+    assert (m / "late.bin").read_bytes() == payload
+    assert sorted(os.listdir(m.path)) == ["dir", "late.bin"]
+    st = m.status()
+    assert st["pending_uploads"] == 2 and st["pending_bytes"] == 300_005
+    r = run_cli("sync", str(m.path))
+    assert r.returncode == 0, r.stderr
+    assert body(storage, bucket, "late.bin") == payload
+    assert body(storage, bucket, "dir/small.txt") == b"small"
+    assert m.status()["pending_uploads"] == 0
+
+
+def test_unmount_waits_for_pending_uploads(mount_factory, bucket, storage) -> None:
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    for i in range(20):
+        (m / f"f{i}").write_text(f"file {i}")
+    m.unmount()
+    assert keys(storage, bucket) == {f"f{i}" for i in range(20)}
+
+
+def test_unmount_no_wait_keeps_the_journal_for_the_next_mount(mount_factory, bucket,
+                                                               storage) -> None:  # fmt: skip
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    (m / "kept.txt").write_text("kept for later")
+    r = run_cli("unmount", "--no-wait", str(m.path))
+    assert r.returncode == 0, r.stderr
+    m.pid = None
+    assert "kept.txt" not in keys(storage, bucket)
+    m.options = ["--write-back", "0"]
+    m.mount()
+    wait_for(lambda: "kept.txt" in keys(storage, bucket))
+    assert body(storage, bucket, "kept.txt") == b"kept for later"
+
+
+def test_kill_9_then_remount_uploads_everything(mount_factory, bucket, storage) -> None:
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    files = {f"d/f{i}.bin": os.urandom(1000 + i) for i in range(30)}
+    (m / "d").mkdir()
+    for name, data in files.items():
+        (m / name).write_bytes(data)
+    kill_daemon(m)
+    assert not any(k.startswith("d/f") for k in keys(storage, bucket))
+    m.options = ["--write-back", "0"]
+    m.mount()  # clears the dead mount, finds the journal
+    run_cli("sync", str(m.path))
+    for name, data in files.items():
+        assert body(storage, bucket, name) == data
+
+
+def test_power_loss_copy_of_the_cache_directory(mount_factory, bucket, storage,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    (m / "a.txt").write_text("survives a power loss")
+    kill_daemon(m)
+    # "the disk as it was": a copy of the cache directory taken right after the kill
+    snapshot = tmp_path / "cache-snapshot"
+    shutil.copytree(m.cache, snapshot)
+    subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
+    shutil.rmtree(m.cache)
+    m.cache = snapshot
+    m.options = ["--write-back", "0"]
+    m.mount()
+    run_cli("sync", str(m.path))
+    assert body(storage, bucket, "a.txt") == b"survives a power loss"
+
+
+def test_file_open_for_writing_at_the_crash_is_kept_not_uploaded(
+    mount_factory, bucket, storage
+) -> None:
+    storage.client.put_object(Bucket=bucket, Key="doc.txt", Body=b"the version in S3")
+    m: Mount = mount_factory(bucket)
+    writer = subprocess.Popen(
+        ["python3", "-c",
+         "import sys,time; f=open(sys.argv[1],'r+b'); f.write(b'HALF-WRITTEN'); f.flush();"
+         " print('ok', flush=True); time.sleep(60)", str(m / "doc.txt")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ok"
+        kill_daemon(m)
+    finally:
+        writer.kill()
+        writer.wait()
+    m.mount()
+    assert body(storage, bucket, "doc.txt") == b"the version in S3"  # not silently replaced
+    recovered = m.status()["recovered"]
+    assert len(recovered) == 1 and "doc.txt" in recovered[0]
+    assert Path(recovered[0]).read_bytes().startswith(b"HALF-WRITTEN")
+    assert oct(Path(recovered[0]).stat().st_mode & 0o777) == "0o600"
+
+
+def test_outage_queues_writes_and_uploads_after(proxied_wb, storage) -> None:
+    m, proxy = proxied_wb
+    (m / "before.txt").write_text("before")
+    run_cli("sync", str(m.path))
+    proxy.down = True
+    for i in range(5):
+        (m / f"during{i}.txt").write_text(f"written during the outage {i}")  # close succeeds
+    time.sleep(2)
+    st = m.status()
+    assert st["pending_uploads"] == 5 and st["upload_failures"] >= 1
+    proxy.down = False
+    r = run_cli("sync", str(m.path))
+    assert r.returncode == 0, r.stderr
+    for i in range(5):
+        assert (
+            body(storage, m.bucket, f"during{i}.txt") == f"written during the outage {i}".encode()
+        )
+
+
+def test_rewrites_upload_only_the_last_version(mount_factory, bucket, storage) -> None:
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    for i in range(10):
+        (m / "log.txt").write_text(f"version {i}")
+    assert m.status()["pending_uploads"] == 1
+    before = m.requests().get("PutObject", 0)
+    run_cli("sync", str(m.path))
+    assert m.requests().get("PutObject", 0) - before == 1
+    assert body(storage, bucket, "log.txt") == b"version 9"
+
+
+def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) -> None:
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    (m / "a.txt").write_text("A")
+    os.rename(m / "a.txt", m / "b.txt")
+    (m / "gone.txt").write_text("never uploaded")
+    os.unlink(m / "gone.txt")
+    run_cli("sync", str(m.path))
+    assert keys(storage, bucket) == {"b.txt"}
+    assert body(storage, bucket, "b.txt") == b"A"
+
+
+def test_ten_thousand_journal_entries_start_in_seconds(mount_factory, bucket, storage,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    (m / "seed.txt").write_text("x")
+    r = run_cli("unmount", "--no-wait", str(m.path))
+    assert r.returncode == 0, r.stderr
+    m.pid = None
+    # Grow the journal to 10,000 entries, as many closes would have.
+    db = sqlite3.connect(m.cache / "journal.sqlite")
+    (row,) = db.execute("SELECT key, data, size, headers, content_type FROM pending").fetchall()
+    rows = []
+    for i in range(10_000):
+        data = m.cache / "pending" / uuid.uuid4().hex
+        os.link(m.cache / "pending" / row[1], data)
+        rows.append((f"many/f{i:05d}", data.name, row[2], row[3], row[4], None, time.time()))
+    db.executemany(
+        "INSERT INTO pending (key, data, size, headers, content_type, base_etag, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    db.commit()
+    db.close()
+    started = time.monotonic()
+    m.options = ["--write-back", "3600"]
+    m.mount()
+    assert time.monotonic() - started < 15
+    # (what an earlier mount journaled starts uploading at once, whatever the delay)
+    assert 0 < m.status()["pending_uploads"] <= 10_001
+    assert len(os.listdir(m / "many")) == 10_000  # journaled files are visible at once
+    run_cli("unmount", "--no-wait", str(m.path))
+    m.pid = None
