@@ -129,6 +129,7 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
         key_sync_timeout=args.key_sync_timeout,
         threads=args.threads,
         write_back=args.write_back,
+        io_timeout=args.io_timeout,
     )
     ready_fd = args.ready_fd
 

@@ -45,6 +45,7 @@ class MountConfig:
     key_sync_timeout: float | None = 1.0
     threads: int = 16
     write_back: float | None = None  # seconds before a journaled upload starts; None: off
+    io_timeout: float = 60.0  # a read from S3 that takes longer gives EIO
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -95,6 +96,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         threads=cfg.threads,
         read_only=cfg.read_only,
         write_back=cfg.write_back,
+        io_timeout=cfg.io_timeout,
     )
     started = time.time()
 

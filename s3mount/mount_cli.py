@@ -95,6 +95,13 @@ def add_mount_commands(
     )
     p.add_argument("--threads", type=int, default=16, help="parallel S3 requests (16)")
     p.add_argument(
+        "--io-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a read from S3 (GET, HEAD, LIST) that takes longer fails with EIO (60)",
+    )
+    p.add_argument(
         "--write-back",
         type=float,
         metavar="SECONDS",
@@ -167,7 +174,8 @@ def apply_o_options(args: argparse.Namespace, parser_defaults: dict[str, Any]) -
             conv = {"uid": int, "gid": int, "umask": lambda s: int(s, 8), "threads": int,
                     "part_size": int, "listing_ttl": float, "attr_timeout": float,
                     "negative_timeout": float, "key_sync_timeout": _optional_float,
-                    "write_back": float, "retries": int}.get(name, str)  # fmt: skip
+                    "write_back": float, "io_timeout": float,
+                    "retries": int}.get(name, str)  # fmt: skip
             try:
                 setattr(args, name, conv(value))
             except ValueError:

@@ -141,6 +141,7 @@ class S3FS:
         threads: int = 16,
         read_only: bool = False,
         write_back: float | None = None,
+        io_timeout: float | None = 60.0,
     ):
         if len(separator) != 1:
             raise ValueError("the separator must be one character")
@@ -150,7 +151,7 @@ class S3FS:
         self.storage = storage or Storage(default_bucket=bucket)
         self.key_sync_timeout = key_sync_timeout
         self.read_only = read_only
-        self.run = ThreadRunner(threads)
+        self.run = ThreadRunner(threads, read_deadline=io_timeout)
         self.listings = ListingCache(listing_ttl)
         _makedirs_private(cache_dir)
         os.chmod(cache_dir, 0o700)  # temp files, unsaved data and metadata are private
@@ -230,7 +231,7 @@ class S3FS:
                 continue
             done = self._listing_inflight[dkey] = trio.Event()
             try:
-                pages = await self.run(
+                pages = await self.run.read(
                     lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
                 )
                 return self.listings.put(dkey, entries_from_pages(dkey, pages))
@@ -346,7 +347,7 @@ class S3FS:
         done = self._head_inflight[mkey] = trio.Event()
         try:
             try:
-                info = await self.run(self.storage.head, self._name(mkey))
+                info = await self.run.read(self.storage.head, self._name(mkey))
             except NotFound:
                 if not e.is_dir:
                     # Deleted since it was listed.
@@ -663,7 +664,7 @@ class S3FS:
 
         async def fetch(start: int, length: int, etag: str | None) -> bytes:
             try:
-                return await self.run(self.storage.read_range, name, start, length, etag)
+                return await self.run.read(self.storage.read_range, name, start, length, etag)
             except PreconditionFailed:
                 raise Stale(f"{key}: changed on the server while open") from None
 
@@ -735,7 +736,7 @@ class S3FS:
 
     async def _changed_remotely(self, key: str, base_etag: str) -> bool:
         """Whether another client replaced the object since our change was based on it."""
-        found, info = await self.run(self.storage.exists, self._name(key))
+        found, info = await self.run.read(self.storage.exists, self._name(key))
         return found and info is not None and info.etag != base_etag
 
     def _keep_conflict(self, key: str, data_path: str) -> None:
@@ -886,7 +887,7 @@ class S3FS:
         delay = 0.05
         while True:
             try:
-                found, info = await self.run(self.storage.exists, self._name(key))
+                found, info = await self.run.read(self.storage.exists, self._name(key))
             except StorageError as exc:
                 log.warning("key-sync check of %s failed: %s", key, exc)
                 return False
@@ -1029,7 +1030,7 @@ class S3FS:
         known = self._link_targets.get(key)
         if known is not None and known[0] == info.etag:
             return known[1]
-        data = await self.run(
+        data = await self.run.read(
             self.storage.read_range, self._name(key), 0, max(info.size, 1), info.etag
         )
         target = os.fsdecode(data)
