@@ -87,3 +87,35 @@ def test_unmount_of_something_else_is_a_clean_error(tmp_path: Path) -> None:
     r = run_cli("unmount", str(tmp_path))
     assert r.returncode != 0
     assert r.stderr.startswith("s3mount: error:") and "Traceback" not in r.stderr
+
+
+def test_no_credentials_in_logs_or_process_title_and_safe_defaults(
+    s3_server, bucket: str, tmp_path: Path
+) -> None:
+    m = Mount(s3_server.endpoint, bucket, tmp_path / "m", tmp_path / "cache",
+              "--log-level", "DEBUG", "--debug")  # fmt: skip
+    try:
+        m.mount()
+        (m / "f.txt").write_text("x")
+        (m / "f.txt").read_text()
+        with pytest.raises(OSError):
+            (m / "missing").read_text()
+        options = next(
+            line.split()[3]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1] == str(m.path)
+        )
+        assert "default_permissions" in options and "allow_other" not in options
+        cmdline = Path(f"/proc/{m.pid}/cmdline").read_bytes()
+        m.unmount()
+    finally:
+        m.cleanup()
+    log = (m.cache / "s3mount.log").read_text()
+    assert "DEBUG" in log  # the debug level was on
+    for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]):
+        assert secret not in log
+        assert secret.encode() not in cmdline
+    for path in [m.cache, *m.cache.rglob("*")]:
+        st = os.stat(path)
+        assert st.st_uid == os.getuid()
+        assert st.st_mode & 0o077 == 0, f"{path} is readable by others"
