@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,24 +27,28 @@ def peer_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def s3fs_mount(s3_server, bucket: str, tmp_path: Path) -> Iterator[Path]:
-    """The same bucket mounted by s3fs-fuse (Debian's build has no xattr support)."""
-    passwd = tmp_path / "s3fs.passwd"
+@contextlib.contextmanager
+def s3fs_mounted(endpoint: str, bucket: str, where: Path) -> Iterator[Path]:
+    """The bucket mounted by s3fs-fuse (Debian's build has no xattr support)."""
+    passwd = where.with_suffix(".passwd")
     passwd.write_text(f"{os.environ['AWS_ACCESS_KEY_ID']}:{os.environ['AWS_SECRET_ACCESS_KEY']}")
     passwd.chmod(0o600)
-    mnt = tmp_path / "s3fs"
-    mnt.mkdir()
+    where.mkdir()
     subprocess.run(
-        ["s3fs", bucket, str(mnt), "-o", f"passwd_file={passwd}", "-o",
-         f"url={s3_server.endpoint}", "-o", "use_path_request_style",
-         "-o", "stat_cache_expire=1"],
+        ["s3fs", bucket, str(where), "-o", f"passwd_file={passwd}", "-o", f"url={endpoint}",
+         "-o", "use_path_request_style", "-o", "stat_cache_expire=1"],
         check=True, env=peer_env(),
     )  # fmt: skip
     try:
-        yield mnt
+        yield where
     finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        subprocess.run(["fusermount3", "-u", "-z", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def s3fs_mount(s3_server, bucket: str, tmp_path: Path) -> Iterator[Path]:
+    with s3fs_mounted(s3_server.endpoint, bucket, tmp_path / "s3fs") as mnt:
+        yield mnt
 
 
 def stat_of(p: Path) -> tuple[int, int, int, int]:
@@ -89,17 +94,7 @@ def test_s3mount_written_bucket_under_s3fs(
     head = storage.client.head_object(Bucket=bucket, Key="f")["Metadata"]
     assert unquote(head["xattr"]) == '{"user.color":"cmVk"}'
 
-    passwd = tmp_path / "p"
-    passwd.write_text(f"{os.environ['AWS_ACCESS_KEY_ID']}:{os.environ['AWS_SECRET_ACCESS_KEY']}")
-    passwd.chmod(0o600)
-    mnt = tmp_path / "s3fs-after"
-    mnt.mkdir()
-    subprocess.run(
-        ["s3fs", bucket, str(mnt), "-o", f"passwd_file={passwd}", "-o",
-         f"url={s3_server.endpoint}", "-o", "use_path_request_style"],
-        check=True, env=peer_env(),
-    )  # fmt: skip
-    try:
+    with s3fs_mounted(s3_server.endpoint, bucket, tmp_path / "s3fs-after") as mnt:
         for name, (mode, uid, gid, mtime_ns) in expected.items():
             got = stat_of(mnt / name)
             assert got[:3] == (mode, uid, gid), name
@@ -107,8 +102,6 @@ def test_s3mount_written_bucket_under_s3fs(
                 assert got[3] // 10**9 == mtime_ns // 10**9
         assert os.readlink(mnt / "link") == "f"
         assert (mnt / "f").read_text() == "from s3mount"
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
 @needs_rclone
