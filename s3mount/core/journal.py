@@ -14,12 +14,16 @@ power loss):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,19 +81,17 @@ class Journal:
         os.link(src_path, data)
         _fsync_dir(self.dir)
         created = time.time()
-        cur = self._db.execute(
-            "INSERT INTO pending (key, data, size, headers, content_type, base_etag, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                os.path.basename(data),
-                size,
-                json.dumps(headers),
-                content_type,
-                base_etag,
-                created,
-            ),  # fmt: skip
-        )
+        try:
+            cur = self._db.execute(
+                "INSERT INTO pending (key, data, size, headers, content_type, base_etag, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, os.path.basename(data), size, json.dumps(headers), content_type,
+                 base_etag, created),
+            )  # fmt: skip
+        except sqlite3.Error as exc:  # nothing promised: the caller keeps its dirty file
+            os.unlink(data)
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise OSError(code, f"journal: {exc}") from None
         return Record(
             int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
         )
@@ -118,12 +120,22 @@ class Journal:
     # -- files being written ---------------------------------------------------------------
 
     def writing(self, path: str, key: str) -> None:
-        """The temp file ``path`` (in CACHE_DIR/open) holds unsaved changes of ``key``."""
+        """The temp file ``path`` (in CACHE_DIR/open) holds unsaved changes of ``key``.
+
+        Best effort (like ``written``): if SQLite fails (a full disk), only the naming of
+        the file in the recovery folder after a crash is lost, never the write itself.
+        """
         name = os.path.basename(path)
-        self._db.execute("INSERT OR REPLACE INTO writing VALUES (?, ?)", (name, key))
+        self._best_effort("INSERT OR REPLACE INTO writing VALUES (?, ?)", (name, key))
 
     def written(self, path: str) -> None:
-        self._db.execute("DELETE FROM writing WHERE path = ?", (os.path.basename(path),))
+        self._best_effort("DELETE FROM writing WHERE path = ?", (os.path.basename(path),))
+
+    def _best_effort(self, sql: str, args: tuple) -> None:
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            log.warning("journal: %s", exc)
 
     def interrupted(self) -> list[tuple[str, str]]:
         """(temp path, key) of files a dead daemon was writing; the rows are removed."""
