@@ -4,7 +4,7 @@
   next to a prefix of the same name, a marker with a body, control characters...): the mount
   shows or skips each exactly as docs/semantics.md ("How keys become files") says, never
   fails a whole directory because of one odd key, and keeps answering.
-- Names S3 cannot store: not UTF-8 (``EINVAL``), over 255 bytes or a key over 1,023 bytes
+- Names S3 cannot store: not UTF-8 (``EINVAL``), over 255 bytes or a key over 1,024 bytes
   (``ENAMETOOLONG``).
 - Eight programs reading and writing at once, on eight files and on one shared file: no
   corruption, on the mount and in S3.
@@ -23,7 +23,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 import urllib3
 from conftest import Mount
 
@@ -327,14 +326,6 @@ def test_odd_but_usable_names_created_through_the_mount(
     check_directory(m, "made", expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: S3FS.norm() strips whitespace off the end of every path "
-    "(posixpath.normpath('/' + path.strip())), so a name ending in whitespace loses it: "
-    "writing 'a ' overwrites 'a', mkdir 'd\\t' makes 'd', a name of only spaces is its "
-    "parent directory (EISDIR), and keys ending in whitespace are dropped from listings "
-    "(their HEAD asks for the stripped key) or read another key's data",
-)
 def test_names_ending_in_whitespace(mount_factory, bucket: str, storage: Storage) -> None:
     storage.client.put_object(Bucket=bucket, Key="ws/trail ", Body=b"key with a trailing space")
     storage.client.put_object(Bucket=bucket, Key="ws/same", Body=b"without")
@@ -358,12 +349,6 @@ def test_names_ending_in_whitespace(mount_factory, bucket: str, storage: Storage
     assert (m / "ws" / "same ").read_bytes() == b"with a space"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a key of exactly 1,024 bytes (legal in S3; its component is < 256 bytes) "
-    "makes readdir of its whole directory fail with ENAMETOOLONG: S3FS._verify -> "
-    "_meta_key -> key() refuses keys over 1,023 bytes, so no sibling is listed",
-)
 def test_1024_byte_key_does_not_break_its_directory(
     mount_factory, bucket: str, storage: Storage
 ) -> None:
@@ -383,12 +368,6 @@ def test_1024_byte_key_does_not_break_its_directory(
         assert_alive(m)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: rmdir of a directory whose only keys are skipped odd keys (here a//b) "
-    "succeeds, but the keys stay, so the directory is still there afterwards (rmdir "
-    "checks emptiness on the filtered listing; expected ENOTEMPTY, or the directory gone)",
-)
 def test_rmdir_of_a_directory_holding_only_odd_keys(
     mount_factory, bucket: str, storage: Storage
 ) -> None:
@@ -445,7 +424,7 @@ def test_names_too_long_give_enametoolong(mnt: Mount, storage: Storage) -> None:
     create(mnt / "short", b"short")
     assert errno_of(lambda: os.rename(mnt / "short", mnt / ("n" * 256))) == errno.ENAMETOOLONG
 
-    # Keys over 1,023 bytes: five levels of 200-byte directories take 1,004 bytes.
+    # Keys over 1,024 bytes (S3's limit): five levels of 200-byte directories take 1,004.
     d = mnt.path
     for _ in range(5):
         d = d / ("d" * 200)
@@ -454,8 +433,8 @@ def test_names_too_long_give_enametoolong(mnt: Mount, storage: Storage) -> None:
     assert prefix == 1005
     assert errno_of(lambda: os.mkdir(d / ("d" * 200))) == errno.ENAMETOOLONG
     assert errno_of(lambda: create(d / ("f" * 200))) == errno.ENAMETOOLONG
-    create(d / ("f" * (1023 - prefix)), b"a key of 1,023 bytes")
-    assert errno_of(lambda: create(d / ("f" * (1024 - prefix)))) == errno.ENAMETOOLONG
+    create(d / ("f" * (1024 - prefix)), b"a key of 1,024 bytes")
+    assert errno_of(lambda: create(d / ("f" * (1025 - prefix)))) == errno.ENAMETOOLONG
     os.mkdir(d / ("m" * (1023 - prefix)))  # its marker takes the 1,024th byte
     assert errno_of(lambda: os.mkdir(d / ("m" * (1024 - prefix)))) == errno.ENAMETOOLONG
     assert errno_of(lambda: os.rename(mnt / "short", d / ("s" * 100))) == errno.ENAMETOOLONG
@@ -464,10 +443,10 @@ def test_names_too_long_give_enametoolong(mnt: Mount, storage: Storage) -> None:
     assert_alive(mnt)
     keys = s3_keys(storage, mnt.bucket)
     assert max(len(k.encode()) for k in keys) == 1024
-    assert "f" * (1023 - prefix) in {k.rsplit("/", 1)[-1] for k in keys}
+    assert "f" * (1024 - prefix) in {k.rsplit("/", 1)[-1] for k in keys}
     r = subprocess.run(["ls", "-laR", str(mnt.path)], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr[-300:]
-    assert (d / ("f" * (1023 - prefix))).read_bytes() == b"a key of 1,023 bytes"
+    assert (d / ("f" * (1024 - prefix))).read_bytes() == b"a key of 1,024 bytes"
 
 
 def deep_tree(mnt: Mount) -> Path:
@@ -497,13 +476,6 @@ def test_rename_of_a_directory_whose_keys_would_get_too_long(mnt: Mount, storage
     assert_alive(mnt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (documented non-atomicity, but avoidable): a directory rename whose new "
-    "keys would pass S3's 1,024 bytes fails with ENAMETOOLONG only after copying the keys "
-    "that fit (the markers), so a half-made copy of the tree appears under the new name; "
-    "the lengths are known from the recursive LIST before the first copy",
-)
 def test_failed_rename_of_a_directory_leaves_no_partial_copy(mnt: Mount, storage: Storage) -> None:
     top = deep_tree(mnt)
     before = s3_keys(storage, mnt.bucket)

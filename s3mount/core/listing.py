@@ -36,6 +36,7 @@ class Entry:
 class DirListing:
     entries: dict[str, Entry]
     fetched: float = field(default_factory=time.monotonic)
+    hidden: int = 0  # keys (or prefixes) below the directory that cannot be shown as names
 
 
 def usable_name(name: str) -> bool:
@@ -47,8 +48,9 @@ def usable_name(name: str) -> bool:
     )
 
 
-def entries_from_pages(dir_key: str, pages: list[ListPage]) -> dict[str, Entry]:
-    """Build a directory's entries from its listing pages (keys under ``dir_key``)."""
+def entries_from_pages(dir_key: str, pages: list[ListPage]) -> tuple[dict[str, Entry], int]:
+    """Build a directory's entries from its listing pages (keys under ``dir_key``); also
+    return how many keys and prefixes were skipped as unusable names."""
     entries: dict[str, Entry] = {}
     skipped = 0
     for page in pages:
@@ -76,7 +78,7 @@ def entries_from_pages(dir_key: str, pages: list[ListPage]) -> dict[str, Entry]:
             entries[name] = Entry(name=name, is_dir=True)  # a directory wins over a file
     if skipped:
         log.info("%s: skipped %d keys that cannot be file names", dir_key or "/", skipped)
-    return entries
+    return entries, skipped
 
 
 class ListingCache:
@@ -93,8 +95,8 @@ class ListingCache:
             return None
         return listing
 
-    def put(self, dir_key: str, entries: dict[str, Entry]) -> DirListing:
-        listing = DirListing(entries)
+    def put(self, dir_key: str, entries: dict[str, Entry], hidden: int = 0) -> DirListing:
+        listing = DirListing(entries, hidden=hidden)
         self._dirs[dir_key] = listing
         return listing
 

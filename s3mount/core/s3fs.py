@@ -177,7 +177,7 @@ class S3FS:
 
     def norm(self, path: str) -> str:
         """'/a/b' form of a path; refuses '..' above the root and bad names."""
-        p = posixpath.normpath("/" + path.strip())
+        p = posixpath.normpath("/" + path)  # no strip(): "a " and "a" are two names
         if p.startswith("//"):
             p = "/" + p.lstrip("/")
         for part in p.split("/")[1:]:
@@ -199,14 +199,18 @@ class S3FS:
             raw = key.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidPath(f"{path}: not valid UTF-8, S3 cannot store it") from None
-        if len(raw) + 1 > S3Facts.maximum_key_length:  # +1: room for a directory marker
+        if len(raw) > S3Facts.maximum_key_length:
             raise NameTooLong(f"{path}: key longer than S3's 1024 bytes")
         return key
 
     def dir_key(self, path: str) -> str:
         """The key prefix of a directory's children ('' or ending with the separator)."""
         k = self.key(path)
-        return k if k == self.prefix else k + self.sep
+        if k == self.prefix:
+            return k
+        if len(k.encode()) + 1 > S3Facts.maximum_key_length:
+            raise NameTooLong(f"{path}: a directory's key would pass S3's 1024 bytes")
+        return k + self.sep
 
     def _name(self, key: str) -> S3Name:
         return S3Name(key, self.bucket)
@@ -234,7 +238,7 @@ class S3FS:
                 pages = await self.run.read(
                     lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
                 )
-                return self.listings.put(dkey, entries_from_pages(dkey, pages))
+                return self.listings.put(dkey, *entries_from_pages(dkey, pages))
             finally:
                 del self._listing_inflight[dkey]
                 done.set()
@@ -520,9 +524,10 @@ class S3FS:
         dkey = self.dir_key(path)
         self.listings.invalidate(dkey)  # emptiness must be checked against the server
         entries = await self._entries(path)
-        if entries and not (recursive or force):
+        hidden = (await self._listing(path)).hidden  # keys that cannot be shown as names
+        if (entries or hidden) and not (recursive or force):
             raise DirectoryNotEmpty(path)
-        if entries:
+        if entries or hidden:
             self.writeback.discard(dkey, prefix=True)
             for key in [k for k in self.files.files if k.startswith(dkey)]:
                 self._forget_file(key)
@@ -1178,6 +1183,9 @@ class S3FS:
             lambda: list(self.storage.bucket_list_keys(self.bucket, prefix=sdk))
         )
         keys = [o.key for o in objects]
+        for k in keys:  # check every new key before the first copy: no half-made tree
+            if len((ddk + k[len(sdk) :]).encode()) > S3Facts.maximum_key_length:
+                raise NameTooLong(f"{ddk + k[len(sdk) :]}: key longer than S3's 1024 bytes")
 
         async def copy_one(o: S3Key) -> None:
             dst = self._name(ddk + o.key[len(sdk) :])
