@@ -113,10 +113,6 @@ class Journal:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(record.data)
 
-    def rekey(self, record: Record, key: str) -> None:
-        self._db.execute("UPDATE pending SET key = ? WHERE id = ?", (key, record.id))
-        record.key = key
-
     # -- files being written ---------------------------------------------------------------
 
     def writing(self, path: str, key: str) -> None:
