@@ -295,8 +295,6 @@ class MountVersusLocal(RuleBasedStateMachine):
         if change == "rename":
             paths.append(self.pick(draw, "any"))
             src, dst = paths[1:]
-            if before and src == path != dst and (self.on_disk / dst).is_file():
-                return  # a known bug: see test_rename_of_an_open_dirty_file_over_another_file
 
         def while_open(p: Path, *names: Path) -> tuple[object, ...]:
             fd = os.open(p, os.O_RDWR)
@@ -404,17 +402,6 @@ def run_model(m: Mount, local: Path, **overrides: object) -> None:
     m.status()  # the daemon is still there and answers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: rename(2) of an open file with unsaved writes over an existing file. "
-    "S3FS._rename_file_now rekeys the open file to the destination and uploads it; the "
-    "upload's conflict check (_changed_remotely) compares the source's ETag with the "
-    "destination's object, so it sees 'changed by another client', keeps the data in "
-    "unsaved/*.conflict and fails with ESTALE. The kernel retries a rename that gave ESTALE: "
-    "the retry copies the source's old S3 version over the destination and detaches the "
-    "open handle. rename() and close() succeed, and the writes (before and after the "
-    "rename) are lost from the file",
-)
 def test_rename_of_an_open_dirty_file_over_another_file(
     mount_factory, bucket: str, storage: Storage, tmp_path: Path
 ) -> None:

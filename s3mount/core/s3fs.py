@@ -1139,6 +1139,9 @@ class S3FS:
                 # Local data not in S3 yet: upload it straight under the new name.
                 await cf.ensure(0, cf.size)  # what is still only in S3 comes from the old key
                 self._rekey(skey, dkey)
+                # Its base version was the old key's; the destination is replaced whole, so
+                # there is nothing to check for another client's change.
+                cf.etag = None
                 await self._upload_locked(cf)
             else:
                 result = await self.run(
