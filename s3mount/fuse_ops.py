@@ -129,7 +129,9 @@ class Operations(pyfuse3.Operations):
     def _path(self, inode: int) -> str:
         rec = self.inodes.get(inode)
         if rec is None or rec.path is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # The name went away (unlink, or a rename over it) after the kernel found this
+            # inode: ESTALE makes the kernel look the name up again (open, stat retry).
+            raise pyfuse3.FUSEError(errno.ESTALE)
         return rec.path
 
     @staticmethod

@@ -70,6 +70,8 @@ class CachedFile:
     async def ensure(self, start: int, end: int) -> None:
         """Make bytes [start, end) of the object present in the local file."""
         while True:
+            if self.closed:  # released meanwhile: nothing can be stored any more
+                return
             missing = self._missing_blocks(start, end)
             if not missing:
                 return

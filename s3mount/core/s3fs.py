@@ -821,6 +821,12 @@ class S3FS:
                 await self.flush_file(cf)
         finally:
             if cf.open_count == 0:
+                await self._free(cf)
+
+    async def _free(self, cf: CachedFile) -> None:
+        """The last handle is gone: keep what is unsaved, forget the local copy."""
+        async with cf.upload_lock:  # after an unlink or rename still working on it
+            if cf.open_count == 0 and not cf.closed:
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
                 elif not cf.unlinked and cf.etag and not cf.shared:
