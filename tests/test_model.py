@@ -294,7 +294,6 @@ class MountVersusLocal(RuleBasedStateMachine):
         paths = [path, self.pick(draw, "any")]
         if change == "rename":
             paths.append(self.pick(draw, "any"))
-            src, dst = paths[1:]
 
         def while_open(p: Path, *names: Path) -> tuple[object, ...]:
             fd = os.open(p, os.O_RDWR)
