@@ -111,6 +111,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             "requests": counters["requests"],
             "bytes_in": counters["bytes_in"],
             "bytes_out": counters["bytes_out"],
+            "cache": dict(fs.stats),
             "open_files": len(fs.files.files),
             "dirty_files": sum(1 for f in fs.files.files.values() if f.dirty),
             "dirty_bytes": fs.files.dirty_bytes(),

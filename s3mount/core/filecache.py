@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -57,6 +58,7 @@ class CachedFile:
         # The journal holds a hard link to this file: copy it before changing it.
         self.shared = False
         self.tracked: str | None = None  # the path the journal knows we are writing
+        self.stats: Counter[str] = Counter()  # the FileCache's: block hits and misses
         os.ftruncate(fd, size)
 
     # -- reading ---------------------------------------------------------------------------
@@ -128,6 +130,7 @@ class CachedFile:
         end = min(off + size, self.size)
         if end <= off:
             return b""
+        self.stats["block_misses" if self._missing_blocks(off, end) else "block_hits"] += 1
         await self.ensure(off, end)
         if readahead:
             ahead = [
@@ -226,10 +229,18 @@ class FileCache:
         os.chmod(directory, 0o700)
         self.directory = directory
         self.files: dict[str, CachedFile] = {}
+        # Reads served from local blocks ("block_hits") or that waited for S3 ("block_misses").
+        self.stats: Counter[str] = Counter()
+
+    def _cached_file(self, path: str, fd: int, key: str, size: int, etag: str | None,
+                     fetch: Fetcher) -> CachedFile:  # fmt: skip
+        cf = CachedFile(path, fd, key, size, etag, fetch)
+        cf.stats = self.stats
+        return cf
 
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
         fd, path = tempfile.mkstemp(prefix="open-", dir=self.directory)  # mode 0600
-        return CachedFile(path, fd, key, size, etag, fetch)
+        return self._cached_file(path, fd, key, size, etag, fetch)
 
     def from_data(
         self, key: str, data: str, size: int, etag: str | None, fetch: Fetcher
@@ -239,7 +250,7 @@ class FileCache:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.link(data, path)
-        cf = CachedFile(path, os.open(path, os.O_RDWR), key, size, etag, fetch)
+        cf = self._cached_file(path, os.open(path, os.O_RDWR), key, size, etag, fetch)
         cf.fetch_limit = 0
         cf.shared = True
         return cf

@@ -156,6 +156,8 @@ class S3FS:
         _makedirs_private(cache_dir)
         os.chmod(cache_dir, 0o700)  # temp files, unsaved data and metadata are private
         self.files = FileCache(os.path.join(cache_dir, "open"))
+        # Cache hits and misses, for status and metrics: listing_*, meta_*, block_* (data).
+        self.stats = self.files.stats
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
         self._head_inflight: dict[str, trio.Event] = {}
@@ -228,12 +230,14 @@ class S3FS:
         while True:
             listing = self.listings.get(dkey)
             if listing is not None:
+                self.stats["listing_hits"] += 1
                 return listing
             pending = self._listing_inflight.get(dkey)
             if pending is not None:
                 await pending.wait()
                 continue
             done = self._listing_inflight[dkey] = trio.Event()
+            self.stats["listing_misses"] += 1
             try:
                 pages = await self.run.read(
                     lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
@@ -321,8 +325,10 @@ class S3FS:
             )
             if cached is not None:
                 e.meta = cached
+                self.stats["meta_hits"] += 1
             else:
                 todo.append((mkey, e))
+                self.stats["meta_misses"] += 1
         if not todo:
             return
 
