@@ -14,17 +14,19 @@ import sys
 from collections.abc import Sequence
 
 from s3mount import __version__
+from s3mount.config import ConfigError, env_settings
 from s3mount.mount_cli import (
     READY,
     MountUsageError,
     add_mount_commands,
-    apply_o_options,
     daemonize,
     default_cache_dir,
-    parse_source,
+    print_settings,
+    resolve_mount,
     setup_daemon_logging,
     transfer_settings,
 )
+from s3mount.notify import notify, stderr_is_journal
 from s3mount.objects_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_object_commands
 from s3mount.storage import ConnectionSettings, RetryPolicy, Storage, StorageError
 
@@ -98,45 +100,53 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
     from s3mount.daemon import MountConfig, MountError, serve
     from s3mount.fuse_ops import MountOptions
 
-    defaults = {a.dest: a.default for a in _mount_parser_actions()}
-    apply_o_options(args, defaults)
-    bucket, prefix = parse_source(args.source)
-    mountpoint = os.path.abspath(args.mountpoint)
-    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(bucket, prefix))
-    log_file = args.log_file or os.path.join(cache_dir, "s3mount.log")
-    if not args.foreground:
+    res = resolve_mount(args)
+    if args.dry_run:
+        print_settings(res)
+        return 0
+    mountpoint = os.path.abspath(res.mountpoint)
+    cache_dir = os.path.abspath(res.cache_dir or default_cache_dir(res.bucket, res.prefix))
+    log_file = res.log_file
+    if not res.foreground:
+        if log_file is None and not stderr_is_journal():
+            log_file = os.path.join(cache_dir, "s3mount.log")
         return daemonize(args.argv, log_file)
-    setup_daemon_logging("DEBUG" if getattr(args, "debug", False) else args.log_level)
+    ready_fd = args.ready_fd
+    # the daemonized child logs to the stderr its parent set up; -f alone honours --log-file
+    setup_daemon_logging(res.log_level, log_file if ready_fd is None else None)
     mopts = MountOptions(
-        uid=os.getuid() if args.uid is None else args.uid,
-        gid=os.getgid() if args.gid is None else args.gid,
-        umask=0o022 if args.umask is None else args.umask,
-        attr_timeout=args.attr_timeout,
-        entry_timeout=args.attr_timeout,
-        negative_timeout=args.negative_timeout,
+        uid=os.getuid() if res.uid is None else res.uid,
+        gid=os.getgid() if res.gid is None else res.gid,
+        umask=res.umask,
+        attr_timeout=res.attr_timeout,
+        entry_timeout=res.attr_timeout,
+        negative_timeout=res.negative_timeout,
     )
     cfg = MountConfig(
-        bucket=bucket,
-        prefix=prefix,
+        bucket=res.bucket,
+        prefix=res.prefix,
         mountpoint=mountpoint,
-        connection=connection_settings(args),
-        transfer=transfer_settings(args.part_size),
+        connection=connection_settings(argparse.Namespace(**res.values)),
+        transfer=transfer_settings(res.part_size),
         cache_dir=cache_dir,
-        read_only=args.read_only,
-        allow_other=args.allow_other,
+        read_only=res.read_only,
+        allow_other=res.allow_other,
         options=mopts,
-        listing_ttl=args.listing_ttl,
-        key_sync_timeout=args.key_sync_timeout,
-        threads=args.threads,
-        write_back=args.write_back,
-        io_timeout=args.io_timeout,
+        listing_ttl=res.listing_ttl,
+        key_sync_timeout=res.key_sync_timeout,
+        threads=res.threads,
+        write_back=res.write_back,
+        io_timeout=res.io_timeout,
+        metrics_port=res.metrics_port,
+        metrics_host=res.metrics_host,
     )
-    ready_fd = args.ready_fd
+    where = f"s3://{res.bucket}/{res.prefix}"
 
     def on_ready() -> None:
         if ready_fd is not None:
             os.write(ready_fd, READY)
             os.close(ready_fd)
+        notify("READY=1", f"STATUS=serving {where} on {mountpoint}")
 
     try:
         trio.run(serve, cfg, on_ready)
@@ -144,16 +154,10 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
         msg = f"s3mount: error: {exc}"
         if ready_fd is not None:
             os.write(ready_fd, str(exc).encode() + b"\n")
+        notify(f"STATUS=failed: {exc}")
         print(msg, file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def _mount_parser_actions() -> list[argparse.Action]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    mount = sub.choices["mount"]
-    return [a for a in mount._actions if a.dest != "help"]
 
 
 def _with_mount_command(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -175,6 +179,11 @@ def _with_mount_command(argv: list[str], parser: argparse.ArgumentParser) -> lis
 
 
 def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
+    """The connection from the command line, else the ``S3MOUNT_*`` environment."""
+    names = ["endpoint_url", "region", "profile", "path_style", "no_verify_ssl", "ca_bundle",
+             "retries"]  # fmt: skip
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    args = argparse.Namespace(**{**env_settings(os.environ, names), **given})
     verify: bool | str = True
     if getattr(args, "no_verify_ssl", False):
         verify = False
@@ -217,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.bucket = getattr(args, "bucket", None) or os.environ.get(BUCKET_ENV) or None
             storage = Storage(connection_settings(args), default_bucket=args.bucket)
         return args.func(args, storage)
-    except (UsageError, MountUsageError) as exc:
+    except (UsageError, MountUsageError, ConfigError) as exc:
         print(f"s3mount: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except StorageError as exc:

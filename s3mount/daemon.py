@@ -7,13 +7,14 @@ process exits.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -21,6 +22,8 @@ import trio
 
 from s3mount.core import S3FS
 from s3mount.fuse_ops import MountOptions, Operations
+from s3mount.metrics import ErrorCounter, serve_metrics
+from s3mount.notify import notify
 from s3mount.storage import ConnectionSettings, Storage, StorageError, TransferSettings
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ class MountConfig:
     threads: int = 16
     write_back: float | None = None  # seconds before a journaled upload starts; None: off
     io_timeout: float = 60.0  # a read from S3 that takes longer gives EIO
+    metrics_port: int | None = None  # serve Prometheus text on metrics_host:metrics_port
+    metrics_host: str = "127.0.0.1"
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -99,6 +104,8 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         io_timeout=cfg.io_timeout,
     )
     started = time.time()
+    errors = ErrorCounter()
+    logging.getLogger("s3mount").addHandler(errors)
 
     def status() -> dict:
         counters = storage.counter.snapshot()
@@ -119,12 +126,17 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             "write_back": cfg.write_back,
             **fs.writeback.stats(),
             "recovered": list(fs.recovered),
+            "errors": errors.count,
+            "metrics": f"{cfg.metrics_host}:{cfg.metrics_port}" if cfg.metrics_port else None,
         }
 
     ops = Operations(fs, cfg.options, status=status)
+    metrics_listeners = await _metrics_listeners(cfg)
     try:
         pyfuse3.init(ops, cfg.mountpoint, fuse_options(cfg))
     except RuntimeError as exc:
+        for listener in metrics_listeners:
+            listener.socket.close()
         raise MountError(f"{cfg.mountpoint}: cannot mount: {exc}") from None
     log.info("mounted s3://%s/%s on %s", cfg.bucket, cfg.prefix, cfg.mountpoint)
     try:
@@ -138,10 +150,14 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(fs.writeback.run, fs.upload_record)
             fs.background = nursery  # readahead fetches run here
+            if metrics_listeners:
+                nursery.start_soon(serve_metrics, metrics_listeners, status)
             await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
             on_ready()
     finally:
-        with trio.CancelScope(shield=True):
+        notify("STOPPING=1", f"STATUS=unmounting {cfg.mountpoint}, uploading dirty data")
+        logging.getLogger("s3mount").removeHandler(errors)
+        with trio.CancelScope(shield=True), _signals_ignored():
             fs.background = None
             try:
                 async with trio.open_nursery() as nursery:  # uploads go on while we drain
@@ -155,6 +171,31 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
                             len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While dirty data is uploaded at shutdown, SIGTERM and SIGINT do not cut it short (a
+    service manager's stop waits; SIGKILL still ends it, the journal then stays)."""
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+async def _metrics_listeners(cfg: MountConfig) -> list[trio.SocketListener]:
+    """Bind the metrics port before mounting, so that a port in use is a clean error."""
+    if not cfg.metrics_port:
+        return []
+    try:
+        listeners = await trio.open_tcp_listeners(cfg.metrics_port, host=cfg.metrics_host)
+    except OSError as exc:
+        where = f"{cfg.metrics_host}:{cfg.metrics_port}"
+        raise MountError(f"metrics endpoint {where}: {exc.strerror or exc}") from None
+    log.info("metrics on http://%s:%s/metrics", cfg.metrics_host, cfg.metrics_port)
+    return listeners
 
 
 async def _stop_on_signals() -> None:

@@ -1,6 +1,6 @@
 """The mount commands: ``mount`` (also ``s3mount BUCKET[:PREFIX] MOUNTPOINT``), ``unmount``,
-``status``.  The mount daemonizes by starting itself again in the foreground, detached, and
-returns once the child says the mount answers."""
+``sync``, ``drop-cache``, ``status``, ``install-helper``.  The mount daemonizes by starting
+itself again in the foreground, detached, and returns once the child says the mount answers."""
 
 from __future__ import annotations
 
@@ -19,22 +19,30 @@ from typing import Any
 
 import platformdirs
 
+from s3mount import config
 from s3mount.control import INVALIDATE_XATTR, NO_WAIT_XATTR, STATUS_XATTR, SYNC_XATTR
+from s3mount.notify import JournalFormatter, stderr_is_journal
 from s3mount.storage import MiB, TransferSettings
 
 EXIT_OK, EXIT_FAILED = 0, 3
 READY = b"READY\n"
 
-# mount(8) options that mean nothing to s3mount itself (fstab, mount helpers).
-IGNORED_O = {
-    "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "auto", "noauto", "_netdev",
-    "nofail", "user", "users", "defaults", "atime", "noatime", "relatime", "async", "sync",
-}  # fmt: skip
-FLAG_O = {"ro": "read_only", "read_only": "read_only", "allow_other": "allow_other"}
-
 
 class MountUsageError(Exception):
     pass
+
+
+def _typed(name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` converting with the setting's own rules."""
+
+    def conv(text: str) -> Any:
+        try:
+            return config.convert(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    conv.__name__ = name
+    return conv
 
 
 def add_mount_commands(
@@ -43,13 +51,17 @@ def add_mount_commands(
     p = sub.add_parser(
         "mount",
         parents=[common],
-        help="mount a bucket: s3mount [mount] BUCKET[:PREFIX] MOUNTPOINT",
-        description="Mount BUCKET (or the sub-tree PREFIX of it) on MOUNTPOINT. Returns once "
-        "the mount answers; with -f it stays in front and logs to stderr.",
+        argument_default=argparse.SUPPRESS,
+        help="mount a bucket: s3mount [mount] BUCKET[:PREFIX]|NAME [MOUNTPOINT]",
+        description="Mount BUCKET (or the sub-tree PREFIX of it), or the mount NAME of the "
+        "config file, on MOUNTPOINT. Returns once the mount answers; with -f it stays in front "
+        "and logs to stderr. Every option can also be set with -o NAME=VALUE, in the "
+        "environment as S3MOUNT_NAME, or in the config file; the command line wins, then the "
+        "environment, then the file (docs/configuration.md).",
     )
-    p.add_argument("source", metavar="BUCKET[:PREFIX]")
-    p.add_argument("mountpoint")
-    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("source", metavar="BUCKET[:PREFIX]|NAME", nargs="?", default=None)
+    p.add_argument("mountpoint", nargs="?", default=None)
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in front")
     p.add_argument(
         "-o",
         dest="o",
@@ -58,66 +70,25 @@ def add_mount_commands(
         metavar="NAME=VALUE,FLAG,...",
         help="options in mount-helper form, e.g. -o ro,allow_other,uid=1000",
     )
-    p.add_argument("--read-only", action="store_true")
-    p.add_argument("--allow-other", action="store_true", help="let other users in")
-    p.add_argument("--uid", type=int, help="owner of files (default: you)")
-    p.add_argument("--gid", type=int, help="group of files (default: yours)")
-    p.add_argument("--umask", type=lambda s: int(s, 8), help="octal (default 022)")
-    p.add_argument("--cache-dir", help="local cache (default: the user cache dir)")
     p.add_argument(
-        "--listing-ttl",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long a directory listing is trusted (10)",
+        "--dry-run",
+        action="store_true",
+        default=False,
+        help="print every setting and where it comes from, then exit",
     )
-    p.add_argument(
-        "--attr-timeout",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="how long the kernel trusts attributes and names (1)",
-    )
-    p.add_argument(
-        "--negative-timeout",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="how long the kernel trusts that a name does not exist (1)",
-    )
-    p.add_argument(
-        "--key-sync-timeout",
-        type=_optional_float,
-        default=1.0,
-        metavar="SECONDS",
-        help="confirm each upload reads back, for at most this long; 0: no limit, "
-        "'none': no check (1)",
-    )
-    p.add_argument("--threads", type=int, default=16, help="parallel S3 requests (16)")
-    p.add_argument(
-        "--io-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="a read from S3 (GET, HEAD, LIST) that takes longer fails with EIO (60)",
-    )
-    p.add_argument(
-        "--write-back",
-        type=float,
-        metavar="SECONDS",
-        help="close() returns once the data is journaled on local disk; uploads "
-        "start SECONDS later, in the background (default: upload at close)",
-    )
-    p.add_argument(
-        "--part-size",
-        type=int,
-        default=16,
-        metavar="MIB",
-        help="multipart part size and threshold in MiB (16)",
-    )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--log-file", help="daemon log (default: CACHE_DIR/s3mount.log)")
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    bools = {"read_only", "allow_other"}
+    for name in (
+        "read_only", "allow_other", "uid", "gid", "umask", "cache_dir", "listing_ttl",
+        "attr_timeout", "negative_timeout", "key_sync_timeout", "threads", "io_timeout",
+        "write_back", "part_size", "log_level", "log_file", "metrics_port", "metrics_host",
+    ):  # fmt: skip
+        setting = config.SETTINGS[name]
+        flag = "--" + name.replace("_", "-")
+        if name in bools:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=setting.help)
+        else:
+            p.add_argument(flag, type=_typed(name), metavar=_METAVAR.get(name), help=setting.help)
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run, needs_storage=False)
 
     p = sub.add_parser("unmount", parents=[common], help="upload dirty data, unmount, wait")
@@ -144,49 +115,67 @@ def add_mount_commands(
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.set_defaults(func=cmd_drop_cache, needs_storage=False)
 
-    p = sub.add_parser("status", parents=[common], help="requests, bytes, dirty files of a mount")
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="requests, bytes, cache hits, pending uploads, errors of a mount",
+    )
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status, needs_storage=False)
 
-
-def _optional_float(s: str) -> float | None:
-    return None if s.lower() in ("none", "off") else float(s)
-
-
-def apply_o_options(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> None:
-    """Fold ``-o a=b,c`` into the same attributes the long options set."""
-    for group in args.o:
-        for item in group.split(","):
-            if not item:
-                continue
-            name, sep, value = item.partition("=")
-            name = name.strip().replace("-", "_")
-            if name in IGNORED_O or name.startswith("x-"):
-                continue
-            if not sep:
-                if name not in FLAG_O:
-                    raise MountUsageError(f"-o {item}: unknown flag")
-                setattr(args, FLAG_O[name], True)
-                continue
-            if name not in parser_defaults or name in ("source", "mountpoint", "o"):
-                raise MountUsageError(f"-o {item}: unknown option")
-            conv = {"uid": int, "gid": int, "umask": lambda s: int(s, 8), "threads": int,
-                    "part_size": int, "listing_ttl": float, "attr_timeout": float,
-                    "negative_timeout": float, "key_sync_timeout": _optional_float,
-                    "write_back": float, "io_timeout": float,
-                    "retries": int}.get(name, str)  # fmt: skip
-            try:
-                setattr(args, name, conv(value))
-            except ValueError:
-                raise MountUsageError(f"-o {item}: bad value") from None
+    p = sub.add_parser(
+        "install-helper",
+        parents=[common],
+        help="link the mount helper into /sbin (mount -t fuse.s3mount, fstab, systemd)",
+        description="Link /sbin/mount.fuse.s3mount to this installation's helper, so that "
+        "mount(8), /etc/fstab and systemd .mount units can mount s3mount file systems, and "
+        "/usr/local/bin/s3mount to this s3mount (the path the systemd units use).",
+    )
+    p.add_argument("--remove", action="store_true", help="remove the links instead")
+    p.add_argument("--sbin-dir", default="/sbin", help="where mount(8) looks (/sbin)")
+    p.add_argument("--bin-dir", default="/usr/local/bin", help="for s3mount (/usr/local/bin)")
+    p.set_defaults(func=cmd_install_helper, needs_storage=False)
 
 
-def parse_source(source: str) -> tuple[str, str]:
-    bucket, _, prefix = source.partition(":")
-    if not bucket:
-        raise MountUsageError(f"{source!r}: expected BUCKET[:PREFIX]")
-    return bucket, prefix.strip("/")
+_METAVAR = {
+    "uid": "UID", "gid": "GID", "umask": "OCTAL", "cache_dir": "DIR", "listing_ttl": "SECONDS",
+    "attr_timeout": "SECONDS", "negative_timeout": "SECONDS", "key_sync_timeout": "SECONDS",
+    "threads": "N", "io_timeout": "SECONDS", "write_back": "SECONDS", "part_size": "MIB",
+    "log_level": "LEVEL", "log_file": "FILE", "metrics_port": "PORT", "metrics_host": "ADDRESS",
+}  # fmt: skip
+
+
+def mount_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line: ``-o`` items, then the long options."""
+    try:
+        flags = config.parse_o(args.o)
+    except ValueError as exc:
+        raise MountUsageError(str(exc)) from None
+    for name in config.SETTINGS:
+        if name in vars(args):
+            flags[name] = getattr(args, name)
+    if flags.get("foreground") is False:
+        del flags["foreground"]
+    return flags
+
+
+def resolve_mount(args: argparse.Namespace) -> config.Resolved:
+    """Every setting of this mount: flags > environment > config file > defaults."""
+    res = config.resolve(args.source, args.mountpoint, mount_flags(args))
+    if getattr(args, "debug", False):
+        res.values["log_level"], res.origins["log_level"] = "DEBUG", "command line (--debug)"
+    return res
+
+
+def print_settings(res: config.Resolved) -> None:
+    print(f"# config file: {res.config}" + (f" (mount {res.name})" if res.name else ""))
+    names = [*config.IDENTITY, *config.SETTINGS]
+    width = max(len(n) for n in names)
+    for name in names:
+        value = res.values.get(name)
+        shown = oct(value).replace("0o", "0") if name == "umask" else value
+        print(f"{name:<{width}} = {json.dumps(shown)}  # {res.origins.get(name, 'default')}")
 
 
 def default_cache_dir(bucket: str, prefix: str) -> str:
@@ -200,20 +189,28 @@ def transfer_settings(part_mib: int) -> TransferSettings:
     return TransferSettings(multipart_threshold=part_mib * MiB, part_size=part_mib * MiB)
 
 
-def daemonize(argv: list[str], log_file: str, timeout: float = 120) -> int:
-    """Start ``s3mount ... --foreground`` detached; return once it reports the mount ready."""
+def daemonize(argv: list[str], log_file: str | None, timeout: float = 120) -> int:
+    """Start ``s3mount ... --foreground`` detached; return once it reports the mount ready.
+
+    The daemon logs to ``log_file``; with None it keeps our stderr (journald's stream)."""
     r, w = os.pipe()
-    os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "ab") as log:
+    cmd = [sys.executable, "-m", "s3mount", *argv, "--foreground", "--ready-fd", str(w)]
+    if log_file is None:
         child = subprocess.Popen(
-            [sys.executable, "-m", "s3mount", *argv, "--foreground", "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(w,),
-            start_new_session=True,
+            cmd, stdin=subprocess.DEVNULL, stdout=sys.stderr, pass_fds=(w,), start_new_session=True
         )
+    else:
+        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log:
+            child = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(w,),
+                start_new_session=True,
+            )
     os.close(w)
     deadline = time.monotonic() + timeout
     message = b""
@@ -233,7 +230,7 @@ def daemonize(argv: list[str], log_file: str, timeout: float = 120) -> int:
     if not text:
         alive = child.poll() is None
         text = f"the mount did not answer within {timeout:g}s" if alive else "the daemon exited"
-        text += f" (see {log_file})"
+        text += f" (see {log_file or 'the journal'})"
     if child.poll() is None:
         child.terminate()
     print(f"s3mount: error: {text}", file=sys.stderr)
@@ -250,28 +247,67 @@ def read_status(mountpoint: str) -> dict[str, Any]:
     return json.loads(raw)
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The status of a mount, for people."""
+    from s3mount.metrics import cache_counters
+
+    lines = [
+        f"mount:     s3://{st['bucket']}/{st['prefix']} on {st['mountpoint']} (pid {st['pid']})",
+        f"uptime:    {_duration(st['uptime'])} ({st['uptime']} s)",
+        f"requests:  {sum(st['requests'].values())}",
+    ]
+    for name, n in sorted(st["requests"].items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {name:<24}{n}")
+    lines.append(
+        f"bytes:     in {st['bytes_in']} ({_size(st['bytes_in'])}), "
+        f"out {st['bytes_out']} ({_size(st['bytes_out'])})"
+    )
+    caches = cache_counters(st.get("cache", {}))
+    if caches:
+        lines.append("cache:     " + ", ".join(
+            f"{name} {hits} hits/{misses} misses" for name, (hits, misses) in sorted(caches.items())
+        ))  # fmt: skip
+    lines.append(
+        f"files:     {st['open_files']} open, {st['dirty_files']} dirty "
+        f"({_size(st['dirty_bytes'])} not uploaded)"
+    )
+    lines.append(
+        f"uploads:   {st.get('pending_uploads', 0)} pending "
+        f"({_size(st.get('pending_bytes', 0) or 0)}), {st.get('uploading', 0)} in flight, "
+        f"{st.get('upload_failures', 0)} failed tries"
+        + ("" if st.get("write_back") is None else f" (write-back {st['write_back']:g} s)")
+    )
+    if st.get("last_upload_error"):
+        lines.append(f"last upload error: {st['last_upload_error']}")
+    lines.append(f"errors:    {st.get('errors', 0)} (see the log)")
+    if st.get("metrics"):
+        lines.append(f"metrics:   http://{st['metrics']}/metrics")
+    lines += [f"recovered (not uploaded): {path}" for path in st.get("recovered", [])]
+    return "\n".join(lines)
+
+
 def cmd_status(args: argparse.Namespace, _st: None) -> int:
     st = read_status(args.mountpoint)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
-        return EXIT_OK
-    print(f"mount:     s3://{st['bucket']}/{st['prefix']} on {st['mountpoint']} (pid {st['pid']})")
-    print(f"uptime:    {st['uptime']} s")
-    total = sum(st["requests"].values())
-    print(f"requests:  {total}")
-    for name, n in sorted(st["requests"].items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<24}{n}")
-    print(f"bytes in:  {st['bytes_in']}   bytes out: {st['bytes_out']}")
-    print(f"open files: {st['open_files']}   dirty: {st['dirty_files']} ({st['dirty_bytes']} B)")
-    if st.get("write_back") is not None or st.get("pending_uploads"):
-        print(
-            f"pending uploads: {st['pending_uploads']} ({st['pending_bytes']} B), "
-            f"{st['uploading']} in flight, {st['upload_failures']} failed tries"
-        )
-        if st.get("last_upload_error"):
-            print(f"last upload error: {st['last_upload_error']}")
-    for path in st.get("recovered", []):
-        print(f"recovered (not uploaded): {path}")
+    else:
+        print(format_status(st))
     return EXIT_OK
 
 
@@ -331,15 +367,42 @@ def cmd_unmount(args: argparse.Namespace, _st: None) -> int:
     return EXIT_FAILED
 
 
-def setup_daemon_logging(level: str) -> None:
+def setup_daemon_logging(level: str, log_file: str | None = None) -> None:
+    """Log to ``log_file``, else to stderr: without timestamps, with priorities, when stderr
+    is journald's stream."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s s3mount[%(process)d] %(levelname)s %(name)s: %(message)s")
-    )
+    handler: logging.Handler
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if not log_file and stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s s3mount[%(process)d] %(levelname)s %(name)s: %(message)s"
+            )
+        )
     root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def cmd_install_helper(args: argparse.Namespace, _st: None) -> int:
+    from s3mount.install import InstallError, install, remove
+
+    try:
+        lines = (remove if args.remove else install)(args.sbin_dir, args.bin_dir)
+    except InstallError as exc:
+        print(f"s3mount: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in lines:
+        print(line)
+    return EXIT_OK
