@@ -224,6 +224,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="s3bench-", dir=args.workdir))
         self.data: dict[str, Any] = {}
         self.drop_caches_ok = False
+        self.pids: dict[str, int] = {}  # the servers started, for the record
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -234,6 +235,7 @@ class Bench:
             self.logs / "s3server.log", self.janitor,
         )  # fmt: skip
         wait_for_port(port, proc)
+        self.pids["s3server"] = proc.pid
         self.direct_endpoint = f"http://127.0.0.1:{port}"
         self.endpoint = self.direct_endpoint
         if self.args.rtt_ms > 0:
@@ -244,8 +246,10 @@ class Bench:
                 self.logs / "latencyproxy.log", self.janitor,
             )  # fmt: skip
             wait_for_port(pport, proxy)
+            self.pids["latencyproxy"] = proxy.pid
             self.endpoint = f"http://127.0.0.1:{pport}"
-        log(f"S3 server {self.direct_endpoint}, clients use {self.endpoint}")
+        pids = ", ".join(f"{k} pid {v}" for k, v in self.pids.items())
+        log(f"S3 server {self.direct_endpoint}, clients use {self.endpoint} ({pids})")
 
     def prepare_shared(self) -> None:
         s = self.sizes
@@ -351,6 +355,7 @@ class Bench:
                 "machine": machine_info(),
                 "versions": versions(),
                 "server": "moto (bench.s3server: ranged GETs read only the range)",
+                "pids": self.pids,
             },
             "workloads": {
                 w: {"phase": p, "unit": u, "description": describe(w, self.sizes)}

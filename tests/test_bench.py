@@ -1,0 +1,149 @@
+"""The benchmark harness (bench/) runs end to end on tiny sizes and cleans up after itself.
+
+Benchmarks are not tests: nothing here looks at a time.  The harness mounts for real
+(s3mount, and s3fs-fuse / rclone when installed) against its own moto server behind its
+delay proxy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.latencyproxy import LatencyProxy  # noqa: E402
+from bench.tools import is_mounted, mounted_paths  # noqa: E402
+from bench.workloads import WORKLOAD_NAMES  # noqa: E402
+
+
+def harness(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.run", "--scale", "tiny", "--workdir", str(tmp_path),
+         *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def nothing_left(tmp_path: Path, pids: list[int]) -> None:
+    assert not [m for m in mounted_paths() if m.startswith(str(tmp_path))]
+    for pid in pids:
+        assert not alive(pid), f"pid {pid} still runs"
+    for proc in Path("/proc").iterdir():  # no daemon still serving a mount point of ours
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert str(tmp_path).encode() not in cmdline, cmdline
+
+
+def test_tiny_run_measures_everything(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    # every tool installed here; rclone uploads at once instead of after 5 s, to stay fast
+    p = harness("--rtt-ms", "2", "--out", str(out), "--rclone-args=--vfs-write-back 0s",
+                tmp_path=tmp_path)  # fmt: skip
+    stdout, stderr = p.communicate(timeout=240)
+    assert p.returncode == 0, stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["rtt_ms"] == 2 and data["meta"]["scale"] == "tiny"
+    assert list(data["workloads"]) == WORKLOAD_NAMES
+    measured = [t for t, v in data["tools"].items() if "skipped" not in v]
+    assert {"s3mount", "s3mount-wb", "raw"} <= set(measured)
+    for tool in measured:
+        entry = data["tools"][tool]
+        assert "error" not in entry, entry
+        assert set(entry["results"]) == set(WORKLOAD_NAMES), tool
+        for name, r in entry["results"].items():
+            assert r["error"] is None, (tool, name, r)
+            assert r["seconds"] >= 0 and r["rate"] > 0 and r["amount"] > 0, (tool, name, r)
+        if entry["kind"] == "mount":
+            assert entry["peak_rss_kib"] > 1000, tool
+    for name in ("seq_write", "small_create"):  # s3mount's own counters were read
+        assert data["tools"]["s3mount"]["results"][name]["requests"]["PutObject"] >= 1
+    table = (out / "results.md").read_text()
+    assert table == stdout.strip() + "\n" or table.strip() in stdout
+    for name in WORKLOAD_NAMES:
+        assert f"| {name} |" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nothing_left(tmp_path, list(data["meta"]["pids"].values()))
+
+
+def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
+    p = harness("--rtt-ms", "5", "--tools", "s3mount", "--workloads", "seq_write,ls_cold",
+                "--out", str(tmp_path / "out"), tmp_path=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        mnt = None
+        while mnt is None:  # wait until the harness has mounted something
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the harness never mounted"
+            mnt = next((m for m in mounted_paths() if m.startswith(str(tmp_path))), None)
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert not is_mounted(Path(mnt))
+    pids = [int(x) for x in re.findall(r"(?:s3server|latencyproxy) pid (\d+)", stderr)]
+    assert len(pids) == 2, stderr[-3000:]
+    nothing_left(tmp_path, pids)
+
+
+@pytest.mark.parametrize("rtt_ms", [0.0, 20.0])
+def test_latency_proxy_adds_the_round_trip(rtt_ms: float) -> None:
+    """One request/response through the proxy takes one added round trip, no less."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = LatencyProxy(srv.getsockname()[1], rtt_ms=rtt_ms).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as c:
+            payload = os.urandom(3 << 20)
+            t0 = time.monotonic()
+            c.sendall(b"ping")
+            assert c.recv(4) == b"ping"
+            assert time.monotonic() - t0 >= rtt_ms / 1000 * 0.95
+            sender = threading.Thread(target=c.sendall, args=(payload,))
+            sender.start()
+            got = bytearray()
+            while len(got) < len(payload):
+                got += c.recv(1 << 20)
+            sender.join()
+            assert bytes(got) == payload
+    finally:
+        proxy.stop()
+        srv.close()
