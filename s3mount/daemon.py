@@ -125,6 +125,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             "cache_dir": cfg.cache_dir,
             "write_back": cfg.write_back,
             **fs.writeback.stats(),
+            **fs.deletes.stats(),
             "recovered": list(fs.recovered),
             "errors": errors.count,
             "metrics": f"{cfg.metrics_host}:{cfg.metrics_port}" if cfg.metrics_port else None,
@@ -149,6 +150,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(fuse_main)
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(fs.writeback.run, fs.upload_record)
+            nursery.start_soon(fs.deletes.run)
             fs.background = nursery  # readahead fetches run here
             if metrics_listeners:
                 nursery.start_soon(serve_metrics, metrics_listeners, status)
@@ -162,6 +164,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             try:
                 async with trio.open_nursery() as nursery:  # uploads go on while we drain
                     nursery.start_soon(fs.writeback.run, fs.upload_record)
+                    nursery.start_soon(fs.deletes.run)
                     await fs.close(drain=not ops.no_wait)
                     nursery.cancel_scope.cancel()
             except Exception as exc:  # already logged with the key; data kept locally

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Mount
+from conftest import Mount, eventually
 
 from s3mount.storage import Storage
 
@@ -138,7 +138,11 @@ def test_unlink_while_open(mnt: Mount, storage: Storage) -> None:
         assert not p.exists()
         assert f.read() == b"keep reading me"
         assert os.fstat(f.fileno()).st_size == 15
-    assert "tmpfile" not in s3_keys(storage, mnt.bucket)
+
+    def deleted() -> None:
+        assert "tmpfile" not in s3_keys(storage, mnt.bucket)
+
+    eventually(deleted)
 
     with open(mnt / "w", "wb") as f:  # written after unlink: never uploaded
         f.write(b"a")
@@ -289,3 +293,32 @@ def test_drop_cache_after_changes_behind_the_mount(
     assert os.stat(m / "d" / "f").st_mode & 0o777 == 0o600
     r = run_cli("drop-cache", "/tmp")
     assert r.returncode != 0 and "not on an s3mount mount" in r.stderr
+
+
+def test_rm_rf_sends_batched_deletes_and_keeps_order_with_new_writes(
+    mnt: Mount, storage: Storage
+) -> None:
+    # rm -rf unlinks file after file; the mount answers each at once and sends the deletes
+    # in batches (DeleteObjects) behind it, so S3 sees far fewer requests than files.
+    n = 300
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: storage.client.put_object(Bucket=mnt.bucket, Key=f"d/f{i:03d}"),
+                      range(n)))  # fmt: skip
+    assert len(os.listdir(mnt / "d")) == n
+    before = mnt.requests()
+    subprocess.run(["rm", "-rf", str(mnt / "d")], check=True, timeout=120)
+    sent = {k: v - before.get(k, 0) for k, v in mnt.requests().items()}
+    deletes = sent.get("DeleteObject", 0) + sent.get("DeleteObjects", 0)
+    assert 0 < deletes < n // 3, sent
+    assert not (mnt / "d").exists()
+    assert s3_keys(storage, mnt.bucket) == set()  # rmdir waited for the deletes below it
+
+    # A file written again right after its unlink is not deleted by the late delete.
+    p = mnt / "again"
+    for i in range(20):
+        p.write_bytes(b"v%d" % i)
+        os.unlink(p)
+    p.write_bytes(b"last")
+    mnt.unmount()
+    assert s3_keys(storage, mnt.bucket) == {"again"}
+    assert s3_bytes(storage, mnt.bucket, "again") == b"last"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from s3mount.core.deletes import DeleteQueue
 from s3mount.core.errors import (
     DirectoryNotEmpty,
     FSError,
@@ -173,6 +174,7 @@ class S3FS:
         self.writeback = WriteBack(self.journal, write_back or 0.0, workers=max(2, threads // 2))
         self.recovered: list[str] = []  # data of files being written when a daemon died
         self._renaming: dict[str, trio.Event] = {}  # keys a rename is replacing right now
+        self.deletes = DeleteQueue(self._delete_keys, self._deletes_failed)
         self._recover_leftovers()
 
     # -- paths and keys ---------------------------------------------------------------------
@@ -239,6 +241,7 @@ class S3FS:
             done = self._listing_inflight[dkey] = trio.Event()
             self.stats["listing_misses"] += 1
             try:
+                await self.deletes.flush(dkey)  # S3's answer must not hold deleted keys
                 pages = await self.run.read(
                     lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
                 )
@@ -509,6 +512,7 @@ class S3FS:
     async def _put_marker(self, dkey: str, headers: dict[str, str]) -> ObjectMeta:
         """Write a directory's marker object carrying its metadata."""
         meta = ObjectMeta(headers, DIR_CONTENT_TYPE)
+        await self.deletes.settle(dkey)
         await self.run(
             self.storage.write_stream,
             io.BytesIO(b""),
@@ -537,11 +541,13 @@ class S3FS:
             self.writeback.discard(dkey, prefix=True)
             for key in [k for k in self.files.files if k.startswith(dkey)]:
                 self._forget_file(key)
+            await self.deletes.flush(dkey)
             keys = await self.run(
                 lambda: [k.key for k in self.storage.bucket_list_keys(self.bucket, prefix=dkey)]
             )
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
+            await self.deletes.flush(dkey)  # a marker goes after what was below it
             await self.run(self.storage.delete, self._name(dkey))
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
@@ -565,10 +571,24 @@ class S3FS:
         if cf is not None:
             remote = await self._detach_open_file(cf) or remote
         if remote:
-            await self.run(self.storage.delete, self._name(key))
+            if self.writeback.busy(key):  # an upload in flight lands before the delete
+                await self.writeback.settle(key)
+            await self.deletes.add(key)
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.meta_cache.delete(key)
+
+    async def _delete_keys(self, keys: list[str]) -> None:
+        if len(keys) == 1:
+            await self.run(self.storage.delete, self._name(keys[0]))
+        else:
+            await self.run(self.storage.delete_many, keys, self.bucket)
+
+    def _deletes_failed(self, keys: list[str]) -> None:
+        """Deletes S3 refused: the objects stay, so their directories must show them again."""
+        for key in keys:
+            self.listings.invalidate(self._dir_key_of(key)[0])
+            self.meta_cache.delete(key)
 
     async def _detach_open_file(self, cf: CachedFile) -> bool:
         """The object of an open file is about to go (unlink, or a rename over it): its
@@ -727,6 +747,7 @@ class S3FS:
             self._keep_conflict(record.key, record.data)
             return
         options = WriteOptions(content_type=record.content_type or None, metadata=record.headers)
+        await self.deletes.settle(record.key)
         info: ObjectInfo = await self.run(
             self.storage.write, record.data, self._name(record.key), options
         )
@@ -797,6 +818,7 @@ class S3FS:
                 cf.dirty = False  # kept in the unsaved folder; S3 keeps the other version
                 self._untrack(cf)
                 raise Stale(f"{key}: changed by another client since it was opened")
+            await self.deletes.settle(key)
             info: ObjectInfo = await self.run(self.storage.write, cf.path, self._name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
@@ -928,6 +950,7 @@ class S3FS:
                     failures.append(exc)
         if drain:
             await self.writeback.drain()
+        await self.deletes.flush()
         if failures:
             raise failures[0]
 
@@ -1026,6 +1049,7 @@ class S3FS:
             {}, mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
         )
         body = os.fsencode(target)
+        await self.deletes.settle(key)
         info: ObjectInfo = await self.run(
             self.storage.write_stream,
             io.BytesIO(body),
@@ -1156,6 +1180,7 @@ class S3FS:
                 cf.etag = None
                 await self._upload_locked(cf)
             else:
+                await self.deletes.settle(dkey)
                 result = await self.run(
                     self.storage.copy, self._name(skey), self._name(dkey), size=sinfo.size
                 )
@@ -1164,7 +1189,7 @@ class S3FS:
                     self._rekey(skey, dkey)
                     cf.etag = result.etag
             if src_remote:
-                await self.run(self.storage.delete, self._name(skey))
+                await self.deletes.add(skey)
         self.meta_cache.delete(skey)
         link = self._link_targets.pop(skey, None)
         sp, sn = self._split(src)
@@ -1194,6 +1219,8 @@ class S3FS:
 
     async def _move_tree(self, sdk: str, ddk: str) -> None:
         """Copy every key below ``sdk`` to ``ddk`` (in parallel), then delete the originals."""
+        await self.deletes.flush(sdk)
+        await self.deletes.flush(ddk)
         objects = await self.run(
             lambda: list(self.storage.bucket_list_keys(self.bucket, prefix=sdk))
         )
@@ -1248,6 +1275,7 @@ class S3FS:
         if cf is not None and cf.dirty:
             await self.flush_file(cf)
         await self.writeback.settle(self.key(src))
+        await self.deletes.settle(self.key(dst))
         info = await self.run(
             self.storage.copy, self._name(self.key(src)), self._name(self.key(dst))
         )

@@ -61,6 +61,10 @@ class WriteBack:
                     r.key = "\0discarded"  # the upload in flight is deleted afterwards
         self._notify()
 
+    def busy(self, key: str) -> bool:
+        """Whether an upload of ``key`` is in flight."""
+        return key in self._uploading
+
     async def settle(self, key_or_prefix: str, prefix: bool = False) -> None:
         """Upload now, and wait for, every record of a key (or below a prefix)."""
 
