@@ -365,7 +365,7 @@ def _split_dotted(s: str) -> list[str]:
 
 def _line_of(text: str, keys: list[str]) -> int:
     """Best effort: the 1-based line that sets ``keys``, or the nearest parent's line."""
-    best, best_len, child = 0, 0, 0
+    best, best_len, child = 0, 0, 0  # the nearest parent's line, and the first child's
     table: list[str] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if m := _HEADER.match(line):
@@ -382,7 +382,7 @@ def _line_of(text: str, keys: list[str]) -> int:
             best, best_len = lineno, n
         if not child and path[: len(keys)] == keys:
             child = lineno  # [mounts.x.options] without a [mounts.x] line
-    return child if child and best_len < len(keys) - 1 else best
+    return child or best
 
 
 # -- resolution -------------------------------------------------------------------------------

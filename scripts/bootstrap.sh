@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what s3mount needs on Debian/Ubuntu: fuse3 and the libfuse3 headers (apt, as root),
 # a virtualenv in .venv, and the package with its test extras. Safe to run again.
+# S3MOUNT_EXTRA_APT adds more apt packages (scripts/test.sh names the test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,10 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need_apt+=(python3-dev)
+# for the tests of the deployment files: systemd-analyze verifies systemd/*, shellcheck checks
+# docker/entrypoint.sh (the Dockerfile's linter, hadolint, comes from PyPI with the test extras)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v shellcheck >/dev/null || need_apt+=(shellcheck)
 for extra in ${S3MOUNT_EXTRA_APT:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
 done
