@@ -33,8 +33,7 @@ COPY docker/entrypoint.sh /usr/local/bin/s3mount-entrypoint
 
 # Config file: /etc/s3mount/config.toml; cache, journal and unsaved data:
 # /var/cache/s3mount/BUCKET (keep it on a volume so that a restart finishes pending uploads).
-ENV XDG_CONFIG_HOME=/etc \
-    XDG_CACHE_HOME=/var/cache \
+ENV XDG_CACHE_HOME=/var/cache \
     S3MOUNT_MOUNTPOINT=/mnt/s3
 VOLUME ["/var/cache/s3mount"]
 # `docker stop` sends SIGTERM: s3mount uploads dirty data, then unmounts and exits.

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from s3mount import __version__
-from s3mount.config import ConfigError, env_settings
+from s3mount.config import SETTINGS, ConfigError, env_settings
 from s3mount.mount_cli import (
     READY,
     MountUsageError,
@@ -180,8 +180,7 @@ def _with_mount_command(argv: list[str], parser: argparse.ArgumentParser) -> lis
 
 def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
     """The connection from the command line, else the ``S3MOUNT_*`` environment."""
-    names = ["endpoint_url", "region", "profile", "path_style", "no_verify_ssl", "ca_bundle",
-             "retries"]  # fmt: skip
+    names = [name for name, setting in SETTINGS.items() if setting.connection]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     args = argparse.Namespace(**{**env_settings(os.environ, names), **given})
     verify: bool | str = True

@@ -1,8 +1,8 @@
 """Mount settings from four places, in order: flags > ``S3MOUNT_*`` environment > config file >
 defaults.
 
-The config file (TOML, ``$S3MOUNT_CONFIG`` or ``config.toml`` in the user config directory)
-holds named mounts::
+The config file (TOML: ``$S3MOUNT_CONFIG``, else ``config.toml`` in the user config directory,
+else ``/etc/s3mount/config.toml``) holds named mounts::
 
     [mounts.photos]
     bucket = "my-photos"
@@ -44,7 +44,6 @@ FLAG_O = {
     "allow_other": "allow_other",
     "path_style": "path_style",
     "no_verify_ssl": "no_verify_ssl",
-    "foreground": "foreground",
 }
 CREDENTIAL_KEYS = {
     "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "access_key_id",
@@ -81,6 +80,16 @@ def _int(v: Any) -> int:
         except ValueError:
             pass
     raise ValueError("expected a whole number")
+
+
+def _at_least(n: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        value = _int(v)
+        if value < n:
+            raise ValueError(f"expected a whole number of at least {n}")
+        return value
+
+    return conv
 
 
 def _float(v: Any) -> float:
@@ -161,7 +170,7 @@ SETTINGS: dict[str, Setting] = {
         _S("path_style", _bool, False, "path-style addressing (http://host/bucket/key)", True),
         _S("no_verify_ssl", _bool, False, "do not check TLS certificates", True),
         _S("ca_bundle", _str, None, "CA certificates to verify TLS with", True),
-        _S("retries", _int, None, "attempts per request, the first included (5)", True),
+        _S("retries", _at_least(1), None, "attempts per request, the first included (5)", True),
         _S("foreground", _bool, False, "stay in front and log to stderr", in_file=False),
         _S("read_only", _bool, False, "every change gives EROFS"),
         _S("allow_other", _bool, False, "let other users in"),
@@ -172,11 +181,21 @@ SETTINGS: dict[str, Setting] = {
         _S("listing_ttl", _float, 10.0, "seconds a directory listing is trusted (10)"),
         _S("attr_timeout", _float, 1.0, "seconds the kernel trusts attributes and names (1)"),
         _S("negative_timeout", _float, 1.0, "seconds the kernel trusts a missing name (1)"),
-        _S("key_sync_timeout", _float_or_none, 1.0, "upload read-back check, seconds (1)"),
-        _S("threads", _int, 16, "parallel S3 requests (16)"),
+        _S(
+            "key_sync_timeout",
+            _float_or_none,
+            1.0,
+            "wait at most this long for each upload to read back; 0: no limit, none: no check (1)",
+        ),
+        _S("threads", _at_least(1), 16, "parallel S3 requests (16)"),
         _S("io_timeout", _float, 60.0, "a read from S3 taking longer fails with EIO (60)"),
-        _S("write_back", _float_or_none, None, "write-back delay in seconds (off)"),
-        _S("part_size", _int, 16, "multipart part size in MiB (16)"),
+        _S(
+            "write_back",
+            _float_or_none,
+            None,
+            "close() returns once the data is journaled; uploads start SECONDS later (off)",
+        ),
+        _S("part_size", _at_least(5), 16, "multipart part size in MiB, at least 5 (16)"),
         _S("log_level", _log_level, "INFO", "DEBUG, INFO, WARNING or ERROR (INFO)"),
         _S("log_file", _str, None, "daemon log file (default: journald or CACHE_DIR/s3mount.log)"),
         _S("metrics_port", _port, None, "serve Prometheus metrics on this port (off)"),
@@ -226,12 +245,20 @@ def parse_o(items: list[str]) -> dict[str, Any]:
 # -- the config file --------------------------------------------------------------------------
 
 
+SYSTEM_CONFIG = "/etc/s3mount/config.toml"
+
+
 def config_path(environ: Mapping[str, str] | None = None) -> str:
+    """``$S3MOUNT_CONFIG``, else the user's ``config.toml`` if it exists (platformdirs:
+    ``~/.config/s3mount``), else the system's ``/etc/s3mount/config.toml`` if it exists."""
     environ = os.environ if environ is None else environ
     explicit = environ.get(CONFIG_ENV)
     if explicit:
         return explicit
-    return os.path.join(platformdirs.user_config_dir("s3mount"), "config.toml")
+    user = os.path.join(platformdirs.user_config_dir("s3mount"), "config.toml")
+    if not os.path.exists(user) and os.path.exists(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    return user
 
 
 @dataclass

@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import MotoServer, run_cli
+from conftest import ROOT, MotoServer, run_cli
 
 from s3mount.cli import main
-from s3mount.config import ConfigError, load_config, resolve
+from s3mount.config import IGNORED_O, SETTINGS, ConfigError, env_name, load_config, resolve
 from s3mount.storage import Storage
 
 
@@ -312,3 +312,12 @@ def test_credentials_from_instance_metadata(
     r = run_cli("--endpoint-url", s3_server.endpoint, "list-buckets", bucket, env=env)
     assert r.returncode == 0 and bucket in r.stdout, r.stderr
     assert _Imds.served  # the keys came from the metadata service
+
+
+def test_every_setting_is_documented() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for name in SETTINGS:
+        assert f"`{env_name(name)}`" in doc, name
+        assert "--" + name.replace("_", "-") in doc, name
+    for name in IGNORED_O:
+        assert f"`{name}`" in doc, name
