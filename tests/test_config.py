@@ -171,8 +171,9 @@ def test_resolve_without_a_config_file(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def aws_files(tmp_path: Path, endpoint: str) -> dict[str, str]:
-    """A shared credentials file with a named profile, and a config file whose profile sets
-    the endpoint; no keys in the environment, no instance metadata."""
+    """A shared credentials file with a named profile, and a config file whose profiles set
+    the endpoint (one of them an assume-role profile); no keys in the environment, no
+    instance metadata."""
     creds = tmp_path / "credentials"
     creds.write_text(
         "[named]\naws_access_key_id = named-key-id\naws_secret_access_key = named-secret\n"
@@ -181,7 +182,9 @@ def aws_files(tmp_path: Path, endpoint: str) -> dict[str, str]:
     conf.write_text(
         f"[profile named]\nregion = us-east-1\n\n"
         f"[profile with-endpoint]\nregion = us-east-1\nendpoint_url = {endpoint}\n"
-        "aws_access_key_id = endpoint-key-id\naws_secret_access_key = endpoint-secret\n"
+        "aws_access_key_id = endpoint-key-id\naws_secret_access_key = endpoint-secret\n\n"
+        f"[profile role]\nregion = us-east-1\nendpoint_url = {endpoint}\n"
+        "role_arn = arn:aws:iam::123456789012:role/s3mount-test\nsource_profile = with-endpoint\n"
     )
     return {
         "AWS_ACCESS_KEY_ID": "",
@@ -216,6 +219,13 @@ def test_credentials_from_environment_profiles_and_profile_endpoint(
     r = run_cli("--profile", "with-endpoint", "list-buckets", bucket, env=env)
     assert r.returncode == 0 and bucket in r.stdout, r.stderr
     out = r.stdout + r.stderr
+    # (d) an assume-role profile: STS (the test server's) hands out temporary keys
+    r = run_cli("--profile", "role", "list-buckets", bucket, env=env)
+    assert r.returncode == 0 and bucket in r.stdout, r.stderr
+    r = run_cli("--profile", "role", "url", "k", "-b", bucket, env=env)
+    assert r.returncode == 0 and "X-Amz-Security-Token=" in r.stdout, r.stderr
+    assert "endpoint-key-id" not in r.stdout  # signed with the role's keys, not the source's
+    out += r.stdout + r.stderr
     for secret in ("named-secret", "endpoint-secret", "env-secret"):
         assert secret not in out
 
