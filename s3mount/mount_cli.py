@@ -155,8 +155,6 @@ def mount_flags(args: argparse.Namespace) -> dict[str, Any]:
     for name in config.SETTINGS:
         if name in vars(args):
             flags[name] = getattr(args, name)
-    if flags.get("foreground") is False:
-        del flags["foreground"]
     return flags
 
 

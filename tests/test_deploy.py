@@ -123,7 +123,7 @@ def test_mount_t_fuse_s3mount_fstab_and_umount_upload(
     mnt.mkdir()
     opts = (
         f"endpoint_url={s3_server.endpoint},cache_dir={cache},_netdev,allow_other,noauto,"
-        "nofail,defaults,x-systemd.automount,listing_ttl=1"
+        "nofail,defaults,x-systemd.automount,listing_ttl=1,write_back=60"
     )
     with cleanup(mnt) as pids:
         r = subprocess.run(
@@ -141,9 +141,10 @@ def test_mount_t_fuse_s3mount_fstab_and_umount_upload(
         pid = status(mnt)["pid"]
         pids.append(pid)
         (mnt / "via-mount.txt").write_text("written under mount -t")
+        assert status(mnt)["pending_uploads"] == 1  # write-back: journaled, not in S3 yet
         r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        wait_gone(pid)  # the daemon uploaded what was dirty and exited
+        wait_gone(pid)  # the daemon uploaded the journal, then exited
         assert body(storage, bucket, "sub/dir/via-mount.txt") == b"written under mount -t"
 
         # an fstab line (mount -T reads another file than /etc/fstab)
