@@ -7,15 +7,15 @@ process exits.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
@@ -140,6 +140,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             listener.socket.close()
         raise MountError(f"{cfg.mountpoint}: cannot mount: {exc}") from None
     log.info("mounted s3://%s/%s on %s", cfg.bucket, cfg.prefix, cfg.mountpoint)
+    saved_handlers = _ignore_stop_signals()  # the watcher task takes them while we serve
     try:
         async with trio.open_nursery() as nursery:
 
@@ -159,7 +160,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     finally:
         notify("STOPPING=1", f"STATUS=unmounting {cfg.mountpoint}, uploading dirty data")
         logging.getLogger("s3mount").removeHandler(errors)
-        with trio.CancelScope(shield=True), _signals_ignored():
+        with trio.CancelScope(shield=True):
             fs.background = None
             try:
                 async with trio.open_nursery() as nursery:  # uploads go on while we drain
@@ -174,18 +175,19 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
                             len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
+        for signum, handler in saved_handlers.items():
+            signal.signal(signum, handler)
 
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """While dirty data is uploaded at shutdown, SIGTERM and SIGINT do not cut it short (a
-    service manager's stop waits; SIGKILL still ends it, the journal then stays)."""
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _ignore_stop_signals() -> dict[int, Any]:
+    """Ignore SIGTERM, SIGINT and SIGHUP except while the watcher task listens for them (it
+    restores SIG_IGN when it ends): the uploads at shutdown are not cut short by a second
+    signal, and a service manager's stop waits for them. SIGKILL still ends the daemon (the
+    journal then stays for the next mount). Returns the handlers to restore."""
+    return {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
 
 
 async def _metrics_listeners(cfg: MountConfig) -> list[trio.SocketListener]:
@@ -202,7 +204,7 @@ async def _metrics_listeners(cfg: MountConfig) -> list[trio.SocketListener]:
 
 
 async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

@@ -256,6 +256,8 @@ def test_service_notify_crash_restart_and_stop_uploads(
         (mnt / "before-stop.txt").write_text("journaled, the stop uploads it")
         assert status(mnt)["pending_uploads"] >= 1
         proc.send_signal(signal.SIGTERM)  # systemctl stop (KillMode=mixed, KillSignal)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # a second one does not cut the uploads short
         assert proc.wait(60) == 0
         sock.wait_for("STOPPING=1")
         sock.close()
