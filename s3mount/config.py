@@ -276,9 +276,6 @@ class ConfigFile:
         where = f"{self.path}:{line}" if line else self.path
         return ConfigError(f"{where}: {'.'.join(keys)}: {reason}")
 
-    def mount_names(self) -> list[str]:
-        return sorted(self.data.get("mounts", {}))
-
 
 def load_config(path: str, required: bool = False) -> ConfigFile:
     """Read and check the whole file (a missing file is empty, unless ``required``)."""
@@ -298,7 +295,7 @@ def load_config(path: str, required: bool = False) -> ConfigFile:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-        line = m.group(1) if m else "?"
+        line = m.group(1) if m else str(text.count("\n") + 1)  # "at end of document"
         reason = re.sub(r"\s*\(at line \d+, column \d+\)|\s*\(at end of document\)", "", str(exc))
         raise ConfigError(f"{path}:{line}: invalid TOML: {reason}") from None
     cfg = ConfigFile(path, text, data)
