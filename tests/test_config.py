@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, MotoServer, run_cli
 
+from s3mount import config as s3mount_config
 from s3mount.cli import main
 from s3mount.config import IGNORED_O, SETTINGS, ConfigError, env_name, load_config, resolve
 from s3mount.storage import Storage
@@ -162,9 +163,13 @@ def test_bad_settings_are_one_line_usage_errors(tmp_path: Path, cli_here) -> Non
 def test_resolve_without_a_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.delenv("S3MOUNT_CONFIG", raising=False)
+    monkeypatch.setattr(s3mount_config, "SYSTEM_CONFIG", str(tmp_path / "etc-s3mount.toml"))
     res = resolve("b:p", "/m", {})  # the default file does not exist: no error
     assert res.config == str(tmp_path / "s3mount" / "config.toml")
     assert (res.bucket, res.prefix, res.mountpoint, res.threads) == ("b", "p", "/m", 16)
+    (tmp_path / "etc-s3mount.toml").write_text('[mounts.sys]\nbucket = "from-etc"\n')
+    res = resolve("sys", "/m", {})  # no user file: the system's
+    assert res.config == str(tmp_path / "etc-s3mount.toml") and res.bucket == "from-etc"
 
 
 # -- credentials and endpoints -----------------------------------------------------------------
