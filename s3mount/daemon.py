@@ -15,7 +15,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyfuse3
 import trio
@@ -140,7 +139,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             listener.socket.close()
         raise MountError(f"{cfg.mountpoint}: cannot mount: {exc}") from None
     log.info("mounted s3://%s/%s on %s", cfg.bucket, cfg.prefix, cfg.mountpoint)
-    saved_handlers = _ignore_stop_signals()  # the watcher task takes them while we serve
+    _ignore_stop_signals()  # the watcher task takes them while we serve
     try:
         async with trio.open_nursery() as nursery:
 
@@ -175,19 +174,18 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
                             len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
-        for signum, handler in saved_handlers.items():
-            signal.signal(signum, handler)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _ignore_stop_signals() -> dict[int, Any]:
+def _ignore_stop_signals() -> None:
     """Ignore SIGTERM, SIGINT and SIGHUP except while the watcher task listens for them (it
-    restores SIG_IGN when it ends): the uploads at shutdown are not cut short by a second
-    signal, and a service manager's stop waits for them. SIGKILL still ends the daemon (the
-    journal then stays for the next mount). Returns the handlers to restore."""
-    return {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    restores SIG_IGN when it ends), until the process exits: the uploads at shutdown are not
+    cut short by a second signal, a service manager's stop waits for them, and the exit status
+    stays 0. SIGKILL still ends the daemon (the journal then stays for the next mount)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _metrics_listeners(cfg: MountConfig) -> list[trio.SocketListener]:
