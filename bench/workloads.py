@@ -140,8 +140,9 @@ class SourceTree:
 def make_source_tree(path: Path, nfiles: int, seed: int = 7) -> SourceTree:
     """A tar of ``nfiles`` text files in nested directories, sized like a source tree.
 
-    About 15 files per directory, up to three levels deep; sizes are log-normal around
-    3 KiB (a few up to 256 KiB), like a typical C or Python project.
+    A new directory every 15 files while it stays within four levels (2,000 files land in
+    74 directories); sizes are log-normal around 3 KiB (at most 256 KiB), like a typical
+    C or Python project.  The same seed always gives the same tree.
     """
     rng = random.Random(seed)
     dirs = ["src"]
