@@ -137,6 +137,7 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
         threads=res.threads,
         write_back=res.write_back,
         io_timeout=res.io_timeout,
+        metadata=res.metadata,
         metrics_port=res.metrics_port,
         metrics_host=res.metrics_host,
     )

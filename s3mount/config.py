@@ -28,6 +28,8 @@ from typing import Any
 
 import platformdirs
 
+from s3mount.core.s3fs import METADATA_MODES
+
 CONFIG_ENV = "S3MOUNT_CONFIG"
 ENV_PREFIX = "S3MOUNT_"
 
@@ -141,6 +143,12 @@ def _port(v: Any) -> int | None:
     return n
 
 
+def _metadata_mode(v: Any) -> str:
+    if isinstance(v, str) and v.strip().lower() in METADATA_MODES:
+        return v.strip().lower()
+    raise ValueError(f"expected one of {', '.join(METADATA_MODES)}")
+
+
 def _log_level(v: Any) -> str:
     if isinstance(v, str) and v.strip().upper() in LOG_LEVELS:
         return v.strip().upper()
@@ -178,7 +186,14 @@ SETTINGS: dict[str, Setting] = {
         _S("gid", _int, None, "group of files (default: the mounting user's)"),
         _S("umask", _octal, 0o022, "mode bits removed, octal (022)"),
         _S("cache_dir", _str, None, "local cache (default: the user cache dir)"),
-        _S("listing_ttl", _float, 10.0, "seconds a directory listing is trusted (10)"),
+        _S("listing_ttl", _float, 60.0, "seconds a directory listing is trusted (60)"),
+        _S(
+            "metadata",
+            _metadata_mode,
+            "auto",
+            "POSIX metadata of objects the cache does not know: auto (sample each directory "
+            "with a few HEADs), head (a HEAD each), listing (none: the defaults) (auto)",
+        ),
         _S("attr_timeout", _float, 1.0, "seconds the kernel trusts attributes and names (1)"),
         _S("negative_timeout", _float, 1.0, "seconds the kernel trusts a missing name (1)"),
         _S(

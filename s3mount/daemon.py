@@ -43,7 +43,8 @@ class MountConfig:
     read_only: bool = False
     allow_other: bool = False
     options: MountOptions = field(default_factory=MountOptions)
-    listing_ttl: float = 10.0
+    listing_ttl: float = 60.0
+    metadata: str = "auto"  # how unknown objects get POSIX metadata (S3FS METADATA_MODES)
     key_sync_timeout: float | None = 1.0
     threads: int = 16
     write_back: float | None = None  # seconds before a journaled upload starts; None: off
@@ -101,6 +102,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         read_only=cfg.read_only,
         write_back=cfg.write_back,
         io_timeout=cfg.io_timeout,
+        metadata=cfg.metadata,
     )
     started = time.time()
     errors = ErrorCounter()

@@ -448,6 +448,8 @@ class Operations(pyfuse3.Operations):
             if value is None:
                 raise pyfuse3.FUSEError(errno.ENODATA)
             return str(value).encode()
+        if not n.startswith("user."):  # ls asks for security.* and system.* of every file
+            raise pyfuse3.FUSEError(errno.ENODATA)
         value = (await self.fs.getxattrs(path)).get(n)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -455,7 +457,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return [os.fsencode(n) for n in await self.fs.getxattrs(self._path(inode))]
+        names = await self.fs.getxattrs(self._path(inode))
+        return [os.fsencode(n) for n in names if n.startswith("user.")]
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:

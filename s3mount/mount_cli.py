@@ -81,6 +81,7 @@ def add_mount_commands(
         "read_only", "allow_other", "uid", "gid", "umask", "cache_dir", "listing_ttl",
         "attr_timeout", "negative_timeout", "key_sync_timeout", "threads", "io_timeout",
         "write_back", "part_size", "log_level", "log_file", "metrics_port", "metrics_host",
+        "metadata",
     ):  # fmt: skip
         setting = config.SETTINGS[name]
         flag = "--" + name.replace("_", "-")
@@ -143,6 +144,7 @@ _METAVAR = {
     "attr_timeout": "SECONDS", "negative_timeout": "SECONDS", "key_sync_timeout": "SECONDS",
     "threads": "N", "io_timeout": "SECONDS", "write_back": "SECONDS", "part_size": "MIB",
     "log_level": "LEVEL", "log_file": "FILE", "metrics_port": "PORT", "metrics_host": "ADDRESS",
+    "metadata": "MODE",
 }  # fmt: skip
 
 

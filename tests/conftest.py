@@ -106,11 +106,15 @@ _DROPPED = (
 
 
 @pytest.fixture(scope="session", autouse=True)
-def aws_env() -> Iterator[None]:
+def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     saved = dict(os.environ)
-    for k in _DROPPED:
+    for k in [*_DROPPED, *(k for k in os.environ if k.startswith("S3MOUNT_"))]:
         os.environ.pop(k, None)
     os.environ.update(TEST_ENV)
+    # The machine's own config files (~/.config/s3mount, /etc/s3mount) stay out of the tests.
+    empty = tmp_path_factory.mktemp("config") / "config.toml"
+    empty.write_text("")
+    os.environ["S3MOUNT_CONFIG"] = str(empty)
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -382,13 +382,42 @@ async def test_listdir_options(make_fs, storage, bucket):
 
 
 @trio_test
+async def test_auto_metadata_samples_a_directory_before_heading_it_all(make_fs, storage, bucket):
+    # "auto" (the default): a few HEADs tell whether a directory's objects carry POSIX
+    # metadata.  Objects a plain S3 client wrote carry none: the rest of such a directory
+    # shows the mount's defaults without a HEAD each.  Objects s3fs-fuse (or s3mount) wrote
+    # do: then every entry is HEADed, and shows its stored mode and owner.
+    for i in range(30):
+        put(storage, bucket, f"plain/f{i:02d}", b"p")
+        put(storage, bucket, f"rich/f{i:02d}", b"r", Metadata={"mode": str(0o100600), "uid": "7"})
+    fs = make_fs()
+    await fs.isdir("plain")
+    before = requests(storage)
+    infos = await fs.listinfo("plain")
+    assert len(infos) == 30 and all(i.mode is None for i in infos)
+    assert since(storage, before) == {"ListObjectsV2": 1, "HeadObject": 4}
+
+    before = requests(storage)
+    infos = await fs.listinfo("rich")
+    assert all(i.mode & 0o777 == 0o600 and i.uid == 7 for i in infos)
+    assert since(storage, before) == {"ListObjectsV2": 1, "HeadObject": 30}
+
+    # "listing": never a HEAD for attributes.
+    fast = make_fs(metadata="listing", cache_dir=str(fs.recovery_dir) + "-other")
+    await fast.isdir("rich")
+    before = requests(storage)
+    assert len(await fast.listinfo("rich")) == 30
+    assert since(storage, before) == {"ListObjectsV2": 1}
+
+
+@trio_test
 async def test_listinfo_costs_one_list_and_heads_only_once(make_fs, storage, bucket, tmp_path):
     sizes = {f"f{i:02d}": i * 7 for i in range(50)}
     for name, size in sizes.items():
         put(storage, bucket, f"big/{name}", b"z" * size)
     put(storage, bucket, "big/sub/inner", b"i")
 
-    fs = make_fs()
+    fs = make_fs(metadata="head")  # exact: a HEAD for every entry the cache does not know
     assert await fs.isdir("big")  # lists the root
     before = requests(storage)
     plain = await fs.listinfo("big", meta=False)  # names, types, sizes: the listing alone
@@ -418,13 +447,13 @@ async def test_listinfo_costs_one_list_and_heads_only_once(make_fs, storage, buc
 
     # A cold layer on the same cache directory (a remount): the listings again, but the
     # metadata cache on disk spares every HEAD.
-    cold = make_fs()
+    cold = make_fs(metadata="head")
     before = requests(storage)
     assert len(await cold.listinfo("big")) == 51
     assert since(storage, before) == {"ListObjectsV2": 2}
 
     # With an empty cache directory, the HEADs come back.
-    fresh = make_fs(cache_dir=str(tmp_path / "other-cache"))
+    fresh = make_fs(cache_dir=str(tmp_path / "other-cache"), metadata="head")
     before = requests(storage)
     assert len(await fresh.listinfo("big")) == 51
     assert since(storage, before) == {"ListObjectsV2": 2, "HeadObject": 51}

@@ -177,31 +177,45 @@ def test_objects_put_behind_the_mount_appear_after_ttl(mnt: Mount, storage: Stor
 def test_ls_l_of_2000_objects_heads_once_then_lists_only(
     mount_factory, bucket: str, storage: Storage
 ) -> None:
+    # 2,000 objects a plain S3 client wrote (no POSIX metadata), and 300 that s3fs-fuse
+    # wrote (mode and owner in x-amz-meta-* headers).
     def put(i: int) -> None:
-        storage.client.put_object(Bucket=bucket, Key=f"many/f{i:05d}", Body=b"x" * (i % 7))
+        if i < 2000:
+            storage.client.put_object(Bucket=bucket, Key=f"many/f{i:05d}", Body=b"x" * (i % 7))
+        else:
+            storage.client.put_object(Bucket=bucket, Key=f"rich/f{i:05d}", Body=b"r",
+                                      Metadata={"mode": str(0o100600), "uid": "1234"})  # fmt: skip
 
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(put, range(2000)))
+        list(pool.map(put, range(2300)))
 
-    def ls_l(m: Mount) -> dict[str, int]:
+    def ls_l(m: Mount, d: str, n: int) -> tuple[dict[str, int], list[str]]:
         before = m.requests()
-        out = subprocess.run(["ls", "-l", str(m / "many")], capture_output=True, text=True)
+        out = subprocess.run(["ls", "-ln", str(m / d)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        assert len(out.stdout.splitlines()) == 2001  # "total" + 2000 entries
+        lines = out.stdout.splitlines()[1:]  # after "total"
+        assert len(lines) == n
         after = m.requests()
-        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}, lines
 
-    # A fresh mount with an empty cache: a listing has no POSIX metadata, so each object is
-    # HEADed once (in parallel) and what it said is kept in the metadata cache.
+    # A fresh mount with an empty cache.  A listing has no POSIX metadata: a few HEADs find
+    # that the plain directory's objects carry none, and the rest show the mount's defaults.
     m = mount_factory(bucket, "--listing-ttl", "60")
-    first = ls_l(m)
-    assert first.get("HeadObject") == 2000 + 1  # the entries, and the directory's marker
-    assert "GetObject" not in first
-    # Mounted again with the cache kept: the listing alone (the root, then two pages).
+    first, lines = ls_l(m, "many", 2000)
+    assert first.get("HeadObject", 0) <= 5 and "GetObject" not in first, first
+    assert all(line.startswith("-rw-r--r--") for line in lines)
+    # The s3fs-fuse directory: each object HEADed once (in parallel), its mode shown.
+    first, lines = ls_l(m, "rich", 300)
+    assert 300 <= first.get("HeadObject", 0) <= 301, first  # the entries (and a marker)
+    assert all(line.startswith("-rw------- 1 1234 ") for line in lines), lines[:3]
+    # Mounted again with the cache kept: the listings, and at most the few sample HEADs.
     m.unmount()
     m.mount()
-    again = ls_l(m)
-    assert again == {"ListObjectsV2": 3}, again
+    again, _ = ls_l(m, "rich", 300)
+    assert again.get("HeadObject", 0) == 0, again
+    again, _ = ls_l(m, "many", 2000)
+    assert again.get("HeadObject", 0) <= 5, again
+    assert again.get("ListObjectsV2", 0) <= 3, again
 
 
 def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:
@@ -322,3 +336,32 @@ def test_rm_rf_sends_batched_deletes_and_keeps_order_with_new_writes(
     mnt.unmount()
     assert s3_keys(storage, mnt.bucket) == {"again"}
     assert s3_bytes(storage, mnt.bucket, "again") == b"last"
+
+
+def test_find_and_ls_R_of_a_tree_list_it_flat(mount_factory, bucket: str, storage: Storage) -> None:
+    # find and ls -R visit directory after directory.  Listing each one (a LIST per
+    # directory) would cost a round trip each; instead the first listing that shows
+    # subdirectories starts one flat listing of the subtree, and every directory's
+    # listing comes from its pages.
+    keys = [f"tree/d{d:02d}/f{i:02d}" for d in range(30) for i in range(10)]
+    keys += [f"tree/d00/deep/er/f{i}" for i in range(3)] + ["tree/d07/", "tree/top"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: storage.client.put_object(Bucket=bucket, Key=k), keys))
+    m = mount_factory(bucket, "--listing-ttl", "60")
+    before = m.requests()
+    out = subprocess.run(["find", str(m / "tree")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = {p[len(os.fspath(m)) + 1 :] for p in out.stdout.splitlines()}
+    expected = {k.rstrip("/") for k in keys}
+    for k in keys:  # and every directory on the way
+        parts = k.rstrip("/").split("/")
+        expected |= {"/".join(parts[:i]) for i in range(1, len(parts))}
+    assert found == expected
+    sent = {k: v - before.get(k, 0) for k, v in m.requests().items()}
+    assert sent.get("ListObjectsV2", 0) <= 4, sent  # root, tree, the flat listing of tree
+    # ls -lR afterwards: everything from the caches.
+    before = m.requests()
+    out = subprocess.run(["ls", "-lR", str(m / "tree")], capture_output=True, timeout=120)
+    assert out.returncode == 0
+    sent = {k: v - before.get(k, 0) for k, v in m.requests().items() if v != before.get(k, 0)}
+    assert sent.get("ListObjectsV2", 0) == 0, sent

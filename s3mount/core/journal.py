@@ -96,6 +96,17 @@ class Journal:
             int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
         )
 
+    def update_headers(self, record: Record, headers: dict[str, str]) -> None:
+        """New metadata for a version not uploaded yet (chmod, utimens... after close)."""
+        try:
+            self._db.execute(
+                "UPDATE pending SET headers = ? WHERE id = ?", (json.dumps(headers), record.id)
+            )
+        except sqlite3.Error as exc:
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise OSError(code, f"journal: {exc}") from None
+        record.headers = headers
+
     def records(self) -> list[Record]:
         rows = self._db.execute(
             "SELECT id, key, data, size, headers, content_type, base_etag, created "

@@ -65,6 +65,11 @@ class ObjectMeta:
         return parse_ns(self.headers.get(CTIME))
 
     @property
+    def has_posix(self) -> bool:
+        """Whether the object carries any POSIX attribute (s3fs-fuse's or rclone's headers)."""
+        return any(h in self.headers for h in (MODE, UID, GID, MTIME))
+
+    @property
     def is_symlink(self) -> bool:
         m = self.mode
         return m is not None and stat.S_ISLNK(m)

@@ -44,7 +44,14 @@ from s3mount.core.errors import (
 )
 from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
 from s3mount.core.journal import Journal, Record
-from s3mount.core.listing import NAME_MAX, DirListing, Entry, ListingCache, entries_from_pages
+from s3mount.core.listing import (
+    NAME_MAX,
+    DirListing,
+    Entry,
+    ListingCache,
+    TreeGatherer,
+    entries_from_pages,
+)
 from s3mount.core.metadata import (
     MAX_METADATA,
     MetaCache,
@@ -126,6 +133,34 @@ class Info:
         )
 
 
+# How entries get their POSIX metadata when the metadata cache does not know them (_verify).
+METADATA_MODES = ("auto", "head", "listing")
+META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
+KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
+WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
+
+
+@dataclass
+class _Walk:
+    """A flat listing of the subtree below ``root`` in progress (see S3FS._walk)."""
+
+    root: str
+    last: str = ""  # the last key listed so far
+    progress: trio.Event = field(default_factory=trio.Event)
+
+    def step(self) -> None:
+        self.progress.set()
+        self.progress = trio.Event()
+
+    def will_list(self, dkey: str) -> bool:
+        """Whether this walk is still to complete the listing of ``dkey``."""
+        return (
+            dkey.startswith(self.root)
+            and dkey != self.root
+            and (self.last < dkey or self.last.startswith(dkey))
+        )
+
+
 class S3FS:
     """A file system over ``bucket`` (under ``prefix``), stored through ``storage``."""
 
@@ -138,11 +173,12 @@ class S3FS:
         key_sync_timeout: float | None = 1,
         *,
         cache_dir: str,
-        listing_ttl: float = 10.0,
+        listing_ttl: float = 60.0,
         threads: int = 16,
         read_only: bool = False,
         write_back: float | None = None,
         io_timeout: float | None = 60.0,
+        metadata: str = "auto",
     ):
         if len(separator) != 1:
             raise ValueError("the separator must be one character")
@@ -152,6 +188,9 @@ class S3FS:
         self.storage = storage or Storage(default_bucket=bucket)
         self.key_sync_timeout = key_sync_timeout
         self.read_only = read_only
+        if metadata not in METADATA_MODES:
+            raise ValueError(f"metadata must be one of {', '.join(METADATA_MODES)}")
+        self.metadata = metadata
         self.run = ThreadRunner(threads, read_deadline=io_timeout)
         self.listings = ListingCache(listing_ttl)
         _makedirs_private(cache_dir)
@@ -161,6 +200,8 @@ class S3FS:
         self.stats = self.files.stats
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
+        self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
+        self._read_after_write = 0  # uploads that read back at once (-1: not always)
         self._head_inflight: dict[str, trio.Event] = {}
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
         self.meta_cache = MetaCache(os.path.join(cache_dir, "metadata.sqlite"))
@@ -227,7 +268,10 @@ class S3FS:
     # -- listing ----------------------------------------------------------------------------
 
     async def _listing(self, path: str) -> DirListing:
-        """The cached listing of a directory, fetched (once, however many ask) when stale."""
+        """The cached listing of a directory, fetched (once, however many ask) when stale.
+
+        A directory with subdirectories also starts a walk of its subtree (:meth:`_walk`),
+        and a directory a walk is about to complete waits for it."""
         dkey = self.dir_key(path)
         while True:
             listing = self.listings.get(dkey)
@@ -238,17 +282,70 @@ class S3FS:
             if pending is not None:
                 await pending.wait()
                 continue
+            walk = next((w for w in self._walks.values() if w.will_list(dkey)), None)
+            if walk is not None:
+                await walk.progress.wait()
+                continue
             done = self._listing_inflight[dkey] = trio.Event()
             self.stats["listing_misses"] += 1
             try:
                 await self.deletes.flush(dkey)  # S3's answer must not hold deleted keys
-                pages = await self.run.read(
-                    lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
-                )
-                return self.listings.put(dkey, *entries_from_pages(dkey, pages))
+                self.listings.begin_fetch(dkey)  # local changes meanwhile are replayed on it
+                try:
+                    pages = await self.run.read(
+                        lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
+                    )
+                except BaseException:
+                    self.listings.abort_fetch(dkey)
+                    raise
+                listing = self.listings.put(dkey, *entries_from_pages(dkey, pages))
             finally:
                 del self._listing_inflight[dkey]
                 done.set()
+            subdirs = sum(1 for e in listing.entries.values() if e.is_dir)
+            if (
+                subdirs > 1
+                and self.background is not None
+                and not any(dkey.startswith(w.root) for w in self._walks.values())
+            ):
+                self._walks[dkey] = walk = _Walk(dkey)
+                self.background.start_soon(self._walk, walk)
+            return listing
+
+    async def _walk(self, walk: _Walk) -> None:
+        """List a subtree flat (no delimiter), and cache each directory's listing as soon as
+        the pages have passed it: one request per 1,000 keys instead of one per directory,
+        in the order ``find``, ``ls -R``, ``du`` or ``rsync`` visit them."""
+        gatherer = TreeGatherer(walk.root, self.sep)
+        mark = self.listings.changes
+
+        def store(done: list[tuple[str, dict[str, Entry], int]]) -> None:
+            for dkey, entries, hidden in done:
+                if (
+                    not self.listings.cached(dkey)
+                    and not self.listings.changed_since(dkey, mark)
+                    and dkey not in self._listing_inflight  # its own LIST is on the way
+                ):
+                    self.listings.put(dkey, entries, hidden)
+                    self.stats["listing_walked"] += 1
+
+        try:
+            await self.deletes.flush(walk.root)
+            pages = self.storage.list_pages(self.bucket, walk.root)
+            for _ in range(WALK_PAGES):
+                page = await self.run.read(next, pages, None)
+                if page is None:
+                    store(gatherer.finish())
+                    break
+                store(gatherer.feed(page.keys))
+                if page.keys:
+                    walk.last = page.keys[-1].key
+                walk.step()
+        except Exception as exc:  # readers list what they need themselves
+            log.debug("walk of %s failed: %s", walk.root or "/", exc)
+        finally:
+            del self._walks[walk.root]
+            walk.step()
 
     def _local_entries(self, dkey: str) -> Iterator[Entry]:
         """Files open in this directory, and journaled ones: not in S3 yet, maybe."""
@@ -311,11 +408,44 @@ class S3FS:
         return self.dir_key(path) if is_dir else self.key(path)
 
     async def _verify(self, dir_path: str, entries: list[Entry], missing_ok: bool = False) -> None:
-        """Give every entry its metadata: from the local cache, else by HEADs in parallel.
+        """Give every entry its metadata: from the local cache, else as ``self.metadata`` says.
 
+        "head": HEADs in parallel for every entry the cache does not know.  "listing": no
+        HEAD; unknown entries get the mount's defaults.  "auto": a directory's first
+        unknown entries are sampled with HEADs (in parallel, one round trip); when none of
+        them carries POSIX metadata the directory is taken as plain (written by a tool that
+        stores none) and the rest get the defaults, else every unknown entry is HEADed.
         A file found deleted meanwhile leaves the listing (and raises ResourceNotFound,
         unless ``missing_ok``).
         """
+        todo = self._unknown(dir_path, entries)
+        if not todo:
+            return
+        if self.metadata == "listing":
+            self._assume_plain(todo)
+            return
+        if self.metadata == "auto":
+            listing = self.listings.get(self.dir_key(dir_path))
+            if listing is not None and listing.plain is None:
+                # Sample a few (one below a plain directory), filled up with unknown
+                # siblings when asked for fewer.
+                parent = self.listings.get(self.dir_key(self._split(dir_path)[0]))
+                n = 1 if dir_path != "/" and parent is not None and parent.plain else META_SAMPLE
+                sample = list(todo[:n])
+                if len(sample) < n:
+                    ids = {id(e) for _, e in sample}
+                    others = [e for e in listing.entries.values() if id(e) not in ids]
+                    sample += self._unknown(dir_path, others)[: n - len(sample)]
+                await self._heads(dir_path, sample, missing_ok=True)
+                listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
+                todo = [(k, e) for k, e in todo if e.meta is None]
+            if listing is not None and listing.plain:
+                self._assume_plain(todo)
+                return
+        await self._heads(dir_path, todo, missing_ok=missing_ok)
+
+    def _unknown(self, dir_path: str, entries: list[Entry]) -> list[tuple[str, Entry]]:
+        """The entries without metadata (taking what the cache knows), with their meta key."""
         todo: list[tuple[str, Entry]] = []
         for e in entries:
             if e.meta is not None:
@@ -331,9 +461,20 @@ class S3FS:
                 self.stats["meta_hits"] += 1
             else:
                 todo.append((mkey, e))
-                self.stats["meta_misses"] += 1
-        if not todo:
-            return
+        return todo
+
+    def _assume_plain(self, todo: list[tuple[str, Entry]]) -> None:
+        """Listing attributes and the mount's defaults, for this listing's lifetime (the
+        metadata cache is not told: a later listing may sample again)."""
+        self.stats["meta_assumed"] += len(todo)
+        for _, e in todo:
+            e.meta = ObjectMeta()
+
+    async def _heads(
+        self, dir_path: str, todo: list[tuple[str, Entry]], missing_ok: bool = False
+    ) -> None:
+        """HEADs in parallel for entries without metadata."""
+        self.stats["meta_misses"] += len(todo)
 
         async def head(mkey: str, e: Entry) -> None:
             try:
@@ -918,10 +1059,14 @@ class S3FS:
         """The key-sync checker: wait until ``key`` reads back with ``etag``.
 
         Waits at most ``key_sync_timeout`` seconds (0: no limit; None: no check at all).
+        Once KEY_SYNC_PROOF uploads in a row read back at the first try, the store has shown
+        read-after-write consistency (as S3 has since 2020) and the checks stop; a store that
+        ever needs a second try is checked after every upload.
         """
         timeout = self.key_sync_timeout
-        if timeout is None:
+        if timeout is None or self._read_after_write >= KEY_SYNC_PROOF:
             return True
+        first_try = True
         deadline = None if timeout == 0 else trio.current_time() + timeout
         delay = 0.05
         while True:
@@ -931,7 +1076,13 @@ class S3FS:
                 log.warning("key-sync check of %s failed: %s", key, exc)
                 return False
             if found and info is not None and info.etag == etag:
+                if first_try and self._read_after_write >= 0:
+                    self._read_after_write += 1
+                    if self._read_after_write == KEY_SYNC_PROOF:
+                        log.info("uploads read back at once: key-sync checks stop")
                 return True
+            first_try = False
+            self._read_after_write = -1  # eventually consistent: check every upload
             if deadline is not None and trio.current_time() + delay > deadline:
                 log.warning("key %s not readable with ETag %s after %ss", key, etag, timeout)
                 return False
@@ -989,6 +1140,14 @@ class S3FS:
         if path == "/":
             return await self.getinfo(path)  # the bucket's root has no object to hold it
         key = self.key(path)
+        record = self.writeback.pending_for(key)
+        if record is not None and key not in self.files.files and not self.writeback.busy(key):
+            # Journaled and not uploading yet: the upload will carry the new metadata.
+            headers = change(await self.getinfo(path))
+            if headers_size(headers) > MAX_METADATA:
+                raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
+            self.journal.update_headers(record, headers)
+            return await self.getinfo(path)
         await self.writeback.settle(key)  # metadata changes apply to what S3 has
         cf = self.files.files.get(key)
         if cf is not None:
