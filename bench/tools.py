@@ -164,12 +164,14 @@ class MountTool:
         """The tool's own counters, if it has any."""
         return None
 
-    def _start_foreground(self, cmd: list[str], mnt: Path, log: Path) -> None:
+    def _start_foreground(
+        self, cmd: list[str], mnt: Path, log: Path, env: dict[str, str] | None = None
+    ) -> None:
         """Start a daemon that stays in the foreground; wait until its mount is there."""
         with open(log, "ab") as logf:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=peer_env(),
-                start_new_session=True,
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                env={**peer_env(), **(env or {})}, start_new_session=True,
             )  # fmt: skip
         self.janitor.add_proc(proc)
         self.janitor.add_mount(mnt)
@@ -274,10 +276,7 @@ class Rclone(MountTool):
             "rclone", "mount", f"bench:{BUCKET}", str(mnt), "--vfs-cache-mode", "writes",
             "--cache-dir", str(cache), *self.extra,
         ]  # fmt: skip
-        self._start_foreground(cmd, mnt, self.logdir / f"{self.name}.log")
-
-    def _start_foreground(self, cmd: list[str], mnt: Path, log: Path) -> None:
-        env = {
+        remote = {
             "RCLONE_CONFIG_BENCH_TYPE": "s3",
             "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
             "RCLONE_CONFIG_BENCH_ENDPOINT": self.endpoint,
@@ -286,13 +285,7 @@ class Rclone(MountTool):
             "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
             "RCLONE_CONFIG_BENCH_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         }
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
-            super()._start_foreground(cmd, mnt, log)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self._start_foreground(cmd, mnt, self.logdir / f"{self.name}.log", remote)
 
 
 class Raw:
