@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.utils
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.retries import standard as std_retries
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 KiB = 1024
 MiB = 1024 * KiB
+SMALL_BODY = 1 * MiB  # PUTs up to this size go without "Expect: 100-continue"
 GiB = 1024 * MiB
 TiB = 1024 * GiB
 
@@ -468,6 +470,7 @@ class Storage:
             raise _classify(exc, "connect") from None
         _install_retry_policy(client, s.retry)
         client.meta.events.register("before-send.s3", self.counter._before_send)
+        client.meta.events.register_last("before-call.s3", _no_expect_for_small_bodies)
         return client
 
     @property
@@ -1033,6 +1036,17 @@ class Storage:
 class ListPage:
     keys: list[S3Key]
     prefixes: list[str]
+
+
+def _no_expect_for_small_bodies(params: dict[str, Any], **_: Any) -> None:
+    """botocore asks for ``Expect: 100-continue`` on every PUT with a body, which costs a
+    round trip before the body is sent.  Worth it for big bodies that S3 may refuse; for small
+    ones (a whole small file, most multipart parts are not) just send the body."""
+    headers = params.get("headers", {})
+    if "Expect" in headers and "body" in params:
+        length = botocore.utils.determine_content_length(params["body"])
+        if length is not None and length <= SMALL_BODY:
+            del headers["Expect"]
 
 
 def _s3key(c: dict[str, Any]) -> S3Key:

@@ -1,11 +1,15 @@
 """The on-disk journal: what must reach S3, and what was being written, across crashes.
 
-Two tables in ``CACHE_DIR/journal.sqlite`` (``synchronous=FULL``: a committed row survives a
-power loss):
+Two tables in ``CACHE_DIR/journal.sqlite`` (WAL):
 
 * ``pending``: uploads that ``close()`` promised (write-back mode).  Each row names an
-  immutable data file in ``CACHE_DIR/pending/``, fsync'd before the row is committed, and the
-  metadata to upload with it.  A row is deleted only after S3 accepted the upload.
+  immutable data file in ``CACHE_DIR/pending/`` and the metadata to upload with it.  A row is
+  deleted only after S3 accepted the upload.  What ``close()`` journals survives a crash of
+  the daemon (the kernel keeps the file's pages); what ``fsync()`` journals (or makes
+  durable) also survives a power loss: the data file and the directory are fsync'd and the
+  row is committed with ``synchronous=FULL``.  A row not made durable carries the boot id of
+  the machine: after a reboot its data may be incomplete, so it is never uploaded, only kept
+  in the recovery folder (``take_unverified``).
 * ``writing``: temp files of open files that hold changes not yet saved anywhere else.  After
   a crash their data is kept in the recovery folder, named by key, and never uploaded
   silently over the object.
@@ -26,6 +30,17 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+BOOT_ID = _boot_id()
+
+
 @dataclass
 class Record:
     id: int
@@ -38,6 +53,7 @@ class Record:
     created: float
     attempts: int = 0
     next_try: float = field(default=0.0, compare=False)  # monotonic time of the next try
+    durable: bool = True  # data file and row synced (survive a power loss)
 
 
 class Journal:
@@ -58,6 +74,9 @@ class Journal:
             "base_etag TEXT, created REAL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS writing (path TEXT PRIMARY KEY, key TEXT)")
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(pending)")]
+        if "boot" not in columns:  # a journal of an earlier version: every row was durable
+            self._db.execute("ALTER TABLE pending ADD COLUMN boot TEXT")
 
     # -- pending uploads -------------------------------------------------------------------
 
@@ -70,31 +89,70 @@ class Journal:
         headers: dict[str, str],
         content_type: str,
         base_etag: str | None,
+        durable: bool = True,
     ) -> Record:
-        """Make the file durable and record it: when this returns, the upload is promised.
+        """Record the file: when this returns, the upload is promised (``durable``: even
+        across a power loss; the caller fsync'd ``fd`` then).
 
         The data file is a hard link to ``src_path`` (no copy); the caller must not change
         that file in place afterwards (see CachedFile.shared).
         """
-        os.fsync(fd)
         data = os.path.join(self.dir, uuid.uuid4().hex)
         os.link(src_path, data)
-        _fsync_dir(self.dir)
+        if durable:
+            _fsync_dir(self.dir)
         created = time.time()
         try:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cur = self._db.execute(
                 "INSERT INTO pending (key, data, size, headers, content_type, base_etag, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "created, boot) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, os.path.basename(data), size, json.dumps(headers), content_type,
-                 base_etag, created),
+                 base_etag, created, None if durable else BOOT_ID),
             )  # fmt: skip
         except sqlite3.Error as exc:  # nothing promised: the caller keeps its dirty file
             os.unlink(data)
             code = errno.ENOSPC if "full" in str(exc) else errno.EIO
             raise OSError(code, f"journal: {exc}") from None
-        return Record(
+        record = Record(
             int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
         )
+        record.durable = durable
+        return record
+
+    def make_durable(self, records: list[Record]) -> None:
+        """fsync(2) of a file already journaled: its data and row survive a power loss now."""
+        todo = [r for r in records if not r.durable]
+        if not todo:
+            return
+        for r in todo:
+            fd = os.open(r.data, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(self.dir)
+        try:
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executemany(
+                "UPDATE pending SET boot = NULL WHERE id = ?", [(r.id,) for r in todo]
+            )
+        except sqlite3.Error as exc:
+            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
+            raise OSError(code, f"journal: {exc}") from None
+        for r in todo:
+            r.durable = True
+
+    def take_unverified(self) -> list[Record]:
+        """Rows journaled without fsync before the machine rebooted: their data may be
+        incomplete.  They leave the journal (their data files stay, for the caller)."""
+        rows = self._db.execute(
+            "SELECT id FROM pending WHERE boot IS NOT NULL AND boot != ?", (BOOT_ID,)
+        ).fetchall()
+        ids = {r[0] for r in rows}
+        found = [r for r in self.records() if r.id in ids]
+        self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
+        return found
 
     def update_headers(self, record: Record, headers: dict[str, str]) -> None:
         """New metadata for a version not uploaded yet (chmod, utimens... after close)."""
@@ -109,12 +167,12 @@ class Journal:
 
     def records(self) -> list[Record]:
         rows = self._db.execute(
-            "SELECT id, key, data, size, headers, content_type, base_etag, created "
+            "SELECT id, key, data, size, headers, content_type, base_etag, created, boot "
             "FROM pending ORDER BY id"
         ).fetchall()
         return [
             Record(r[0], r[1], os.path.join(self.dir, os.path.basename(r[2])), r[3],
-                   json.loads(r[4]), r[5], r[6], r[7])
+                   json.loads(r[4]), r[5], r[6], r[7], durable=r[8] is None)
             for r in rows
         ]  # fmt: skip
 

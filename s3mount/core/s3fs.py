@@ -212,11 +212,12 @@ class S3FS:
         # uploads run later.  The scheduler also finishes what an earlier mount journaled.
         self.write_back = write_back
         self.journal = Journal(cache_dir)
+        unverified = self.journal.take_unverified()  # closed, not fsync'd, then a reboot
         self.writeback = WriteBack(self.journal, write_back or 0.0, workers=max(2, threads // 2))
         self.recovered: list[str] = []  # data of files being written when a daemon died
         self._renaming: dict[str, trio.Event] = {}  # keys a rename is replacing right now
         self.deletes = DeleteQueue(self._delete_keys, self._deletes_failed)
-        self._recover_leftovers()
+        self._recover_leftovers(unverified)
 
     # -- paths and keys ---------------------------------------------------------------------
 
@@ -842,12 +843,16 @@ class S3FS:
 
         return fetch
 
-    async def flush_file(self, cf: CachedFile) -> None:
+    async def flush_file(self, cf: CachedFile, durable: bool = False) -> None:
         """Save a dirty file: upload it now, or in write-back mode journal it for a later
-        upload.  On failure it stays dirty (and in the local cache)."""
+        upload (``durable``, for fsync: so that it survives a power loss too).  On failure it
+        stays dirty (and in the local cache)."""
         async with cf.upload_lock:
             if self.write_back is not None:
-                await self._journal_locked(cf)
+                await self._journal_locked(cf, durable)
+                if durable:
+                    records = self.writeback.records_of(cf.key)
+                    await trio.to_thread.run_sync(self.journal.make_durable, records)
                 return
             uploaded = await self._upload_locked(cf)
         if uploaded is not None:
@@ -858,17 +863,19 @@ class S3FS:
         headers = with_posix(cf.meta.headers, mtime_ns=cf.mtime_ns or now, ctime_ns=now)
         return ObjectMeta(headers, cf.meta.content_type)
 
-    async def _journal_locked(self, cf: CachedFile) -> None:
-        """Write-back mode: make the file durable locally and journal it; upload later."""
+    async def _journal_locked(self, cf: CachedFile, durable: bool) -> None:
+        """Write-back mode: journal the file (``durable``: fsync'd first); upload later."""
         if not cf.dirty or cf.unlinked:
             return
         await cf.ensure(0, cf.size)
         generation = cf.generation
         meta = self._headers_for_upload(cf)
-        await trio.to_thread.run_sync(os.fsync, cf.fd)  # the slow part, off the event loop
+        if durable:
+            await trio.to_thread.run_sync(os.fsync, cf.fd)  # the slow part, off the event loop
         record = self.journal.add(
-            cf.key, cf.fd, cf.path, cf.size, meta.headers, meta.content_type, cf.etag
-        )
+            cf.key, cf.fd, cf.path, cf.size, meta.headers, meta.content_type, cf.etag,
+            durable=durable,
+        )  # fmt: skip
         cf.journaled(generation)
         cf.meta = meta
         if not cf.dirty:
@@ -894,8 +901,8 @@ class S3FS:
         )
         meta = ObjectMeta(record.headers, info.content_type)
         self.meta_cache.put(record.key, info.etag, None, meta)
-        for later in self.writeback.records.values():  # they build on this version now
-            if later.key == record.key and later.id != record.id:
+        for later in self.writeback.records_of(record.key):  # they build on it now
+            if later.id != record.id:
                 later.base_etag = info.etag
         cf = self.files.files.get(record.key)
         if cf is not None and cf.etag == record.base_etag:
@@ -1015,10 +1022,19 @@ class S3FS:
         except OSError as exc:
             log.error("could not upload %s nor keep it in %s: %s", cf.key, dest, exc)
 
-    def _recover_leftovers(self) -> None:
+    def _recover_leftovers(self, unverified: list[Record]) -> None:
         """Temp files of a daemon that died.  Those the journal knew were being written are
         kept in the unsaved folder, named by key (never uploaded over the object); the others
-        only cached what S3 has, and go."""
+        only cached what S3 has, and go.  Likewise for journaled files that were closed but
+        not fsync'd before the machine rebooted: their data may be incomplete."""
+        for record in unverified:
+            dest = self._unsaved_path(record.key, "unverified")
+            _makedirs_private(os.path.dirname(dest))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(record.data, dest)
+                self.recovered.append(dest)
+                log.error("%s was closed but not fsync'd before a reboot; not uploaded, its "
+                          "data (maybe incomplete) is kept in %s", record.key, dest)  # fmt: skip
         writing = dict(self.journal.interrupted())
         for path in self.files.leftovers():
             key = writing.get(path)
@@ -1554,7 +1570,8 @@ class OpenFile:
             await self.fs.flush_file(self.cf)
 
     async def fsync(self) -> None:
-        await self.flush()
+        if self.writable or self.cf.dirty:
+            await self.fs.flush_file(self.cf, durable=True)
 
     async def close(self) -> None:
         if self.closed:

@@ -9,6 +9,7 @@ uploads).  For each key only the newest record is uploaded; older ones are super
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -28,9 +29,14 @@ class WriteBack:
         self.journal = journal
         self.delay = delay
         self.workers = workers
-        self.records: dict[int, Record] = {r.id: r for r in journal.records()}
+        self.records: dict[int, Record] = {}  # by id, in id order
+        self._by_key: dict[str, dict[int, Record]] = {}
+        self._due: list[tuple[float, int]] = []  # heap of (next_try, id); stale ones skipped
+        for r in journal.records():
+            self._index(r)
         self._uploading: set[str] = set()  # keys with an upload in flight
         self._urgent = 0  # > 0 while someone drains: ignore the delay
+        self._blocked: dict[int, Record] = {}  # due, but waiting for an upload or a worker
         self._changed = trio.Event()  # set whenever records or uploads change
         self.failures = 0
         self.last_error = ""
@@ -39,26 +45,34 @@ class WriteBack:
 
     def add(self, record: Record) -> None:
         """A new journaled version of a key: older records of that key are superseded."""
-        for old in [r for r in self.records.values() if r.key == record.key]:
-            if old.key not in self._uploading:
+        if record.key not in self._uploading:
+            for old in list(self._by_key.get(record.key, {}).values()):
                 self._forget(old)
         record.next_try = trio.current_time() + self.delay
-        self.records[record.id] = record
+        self._index(record)
         self._notify()
 
     def pending_for(self, key: str) -> Record | None:
         """The newest record of a key (what a reader of that key must see)."""
-        found = [r for r in self.records.values() if r.key == key]
-        return max(found, key=lambda r: r.id) if found else None
+        found = self._by_key.get(key)
+        return found[max(found)] if found else None
+
+    def records_of(self, key: str) -> list[Record]:
+        return list(self._by_key.get(key, {}).values())
 
     def discard(self, key_or_prefix: str, prefix: bool = False) -> None:
         """The key was unlinked (or its directory removed): nothing of it is uploaded."""
-        for r in list(self.records.values()):
-            if r.key == key_or_prefix or (prefix and r.key.startswith(key_or_prefix)):
+        keys = (
+            [k for k in self._by_key if k.startswith(key_or_prefix)] if prefix else [key_or_prefix]
+        )
+        for key in keys:
+            for r in list(self._by_key.get(key, {}).values()):
                 if r.key not in self._uploading:
                     self._forget(r)
-                else:
-                    r.key = "\0discarded"  # the upload in flight is deleted afterwards
+                else:  # the upload in flight is deleted afterwards
+                    self._unindex(r)
+                    r.key = "\0discarded"
+                    self._index(r)
         self._notify()
 
     def busy(self, key: str) -> bool:
@@ -69,11 +83,9 @@ class WriteBack:
         """Upload now, and wait for, every record of a key (or below a prefix)."""
 
         def mine() -> bool:
-            return any(
-                r.key == key_or_prefix or (prefix and r.key.startswith(key_or_prefix))
-                for r in self.records.values()
-            ) or any(k == key_or_prefix or (prefix and k.startswith(key_or_prefix))
-                     for k in self._uploading)  # fmt: skip
+            if not prefix:
+                return key_or_prefix in self._by_key or key_or_prefix in self._uploading
+            return any(k.startswith(key_or_prefix) for k in (*self._by_key, *self._uploading))
 
         self._urgent += 1
         self._notify()
@@ -110,20 +122,38 @@ class WriteBack:
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
-                for r in sorted(self.records.values(), key=lambda r: r.id):
-                    if limiter.available_tokens == 0:
-                        break
-                    if r.key in self._uploading:
+                # Due: old enough, or someone waits for it (failures keep their backoff).
+                # Records whose key is uploading wait for that upload: they are looked at
+                # again when it ends (it notifies).
+                if self._urgent:  # drains are rare: look at everything
+                    ready = [r for r in self.records.values()
+                             if r.next_try <= now or not r.attempts]  # fmt: skip
+                else:
+                    ready = []
+                    while self._due and self._due[0][0] <= now:
+                        _, rid = heapq.heappop(self._due)
+                        r = self.records.get(rid)
+                        if r is not None and r.next_try <= now:
+                            ready.append(r)
+                later: list[Record] = []
+                for r in ready:
+                    if r.key in self._uploading or limiter.available_tokens == 0:
+                        later.append(r)
                         continue
-                    # due: old enough, or someone waits for it (failures keep their backoff)
-                    if r.next_try <= now or (self._urgent and not r.attempts):
-                        await limiter.acquire_on_behalf_of(r.id)
-                        self._uploading.add(r.key)
-                        nursery.start_soon(self._upload_one, upload, r, limiter)
-                wake = min(
-                    (r.next_try for r in self.records.values() if r.key not in self._uploading),
-                    default=now + 3600,
-                )
+                    await limiter.acquire_on_behalf_of(r.id)
+                    self._uploading.add(r.key)
+                    nursery.start_soon(self._upload_one, upload, r, limiter)
+                self._blocked.update((r.id, r) for r in later if not self._urgent)
+                while self._due and (
+                    self._due[0][1] not in self.records
+                    or self.records[self._due[0][1]].next_try != self._due[0][0]
+                ):
+                    heapq.heappop(self._due)  # superseded, uploaded or rescheduled
+                if self._urgent:
+                    retries = [r.next_try for r in self.records.values() if r.next_try > now]
+                    wake = min(retries, default=now + 3600)
+                else:
+                    wake = self._due[0][0] if self._due else now + 3600
                 with trio.move_on_at(max(wake, now + 0.01)):
                     await self._wait_change()
 
@@ -135,6 +165,7 @@ class WriteBack:
             r.attempts += 1
             backoff = min(MAX_BACKOFF, 0.5 * 2 ** min(r.attempts, 10))
             r.next_try = trio.current_time() + backoff
+            heapq.heappush(self._due, (r.next_try, r.id))
             self.failures += 1
             self.last_error = f"{r.key}: {exc}"
             log.warning("upload of %s failed (try %d), again in %.0fs: %s",
@@ -146,12 +177,30 @@ class WriteBack:
             limiter.release_on_behalf_of(r.id)
             if r.key == "\0discarded":
                 self._forget(r)
+            for blocked in list(self._blocked.values()):  # they may go now
+                del self._blocked[blocked.id]
+                if blocked.id in self.records:
+                    heapq.heappush(self._due, (blocked.next_try, blocked.id))
             self._notify()
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _forget(self, r: Record) -> None:
+    def _index(self, r: Record) -> None:
+        self.records[r.id] = r
+        self._by_key.setdefault(r.key, {})[r.id] = r
+        heapq.heappush(self._due, (r.next_try, r.id))
+
+    def _unindex(self, r: Record) -> None:
         self.records.pop(r.id, None)
+        same = self._by_key.get(r.key)
+        if same is not None:
+            same.pop(r.id, None)
+            if not same:
+                del self._by_key[r.key]
+
+    def _forget(self, r: Record) -> None:
+        self._unindex(r)
+        self._blocked.pop(r.id, None)
         self.journal.done(r)
 
     def _notify(self) -> None:
