@@ -67,10 +67,7 @@ class DeleteQueue:
             if self.running or self.sending:
                 await self._wait()
             else:  # queued while a background task ran, which is gone now: send them here
-                batch = list(self.queued)[:BATCH]
-                for k in batch:
-                    del self.queued[k]
-                await self._send(batch)
+                await self._send(self._take_batch())
 
     def stats(self) -> dict[str, int]:
         return {
@@ -86,9 +83,7 @@ class DeleteQueue:
             while True:
                 while not self.queued:
                     await self._wait()
-                batch = list(self.queued)[:BATCH]
-                for k in batch:
-                    del self.queued[k]
+                batch = self._take_batch()
                 self.sending.update(batch)
                 try:
                     with trio.CancelScope(shield=True):  # a request that started finishes
@@ -99,6 +94,12 @@ class DeleteQueue:
         finally:
             self.running = False
             self._notify()
+
+    def _take_batch(self) -> list[str]:
+        batch = list(self.queued)[:BATCH]
+        for k in batch:
+            del self.queued[k]
+        return batch
 
     async def _send(self, keys: list[str]) -> None:
         try:

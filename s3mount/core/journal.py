@@ -100,7 +100,7 @@ class Journal:
         data = os.path.join(self.dir, uuid.uuid4().hex)
         os.link(src_path, data)
         if durable:
-            _fsync_dir(self.dir)
+            _fsync(self.dir, os.O_DIRECTORY)
         created = time.time()
         try:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -112,8 +112,7 @@ class Journal:
             )  # fmt: skip
         except sqlite3.Error as exc:  # nothing promised: the caller keeps its dirty file
             os.unlink(data)
-            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
-            raise OSError(code, f"journal: {exc}") from None
+            raise _journal_error(exc) from None
         record = Record(
             int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
         )
@@ -126,20 +125,15 @@ class Journal:
         if not todo:
             return
         for r in todo:
-            fd = os.open(r.data, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(self.dir)
+            _fsync(r.data)
+        _fsync(self.dir, os.O_DIRECTORY)
         try:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executemany(
                 "UPDATE pending SET boot = NULL WHERE id = ?", [(r.id,) for r in todo]
             )
         except sqlite3.Error as exc:
-            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
-            raise OSError(code, f"journal: {exc}") from None
+            raise _journal_error(exc) from None
         for r in todo:
             r.durable = True
 
@@ -161,8 +155,7 @@ class Journal:
                 "UPDATE pending SET headers = ? WHERE id = ?", (json.dumps(headers), record.id)
             )
         except sqlite3.Error as exc:
-            code = errno.ENOSPC if "full" in str(exc) else errno.EIO
-            raise OSError(code, f"journal: {exc}") from None
+            raise _journal_error(exc) from None
         record.headers = headers
 
     def records(self) -> list[Record]:
@@ -212,8 +205,13 @@ class Journal:
         self._db.close()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _journal_error(exc: sqlite3.Error) -> OSError:
+    """A failed journal write, as the errno the writer gets (a full disk: ENOSPC)."""
+    return OSError(errno.ENOSPC if "full" in str(exc) else errno.EIO, f"journal: {exc}")
+
+
+def _fsync(path: str, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
