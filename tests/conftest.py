@@ -63,6 +63,18 @@ def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still alive")
+
+
 class MotoServer:
     """A moto server in its own process, on a free loopback port."""
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, MotoServer, Mount, free_port, run_cli
+from conftest import ROOT, MotoServer, Mount, free_port, run_cli, wait_gone
 from faultproxy import FaultProxy
 
 from s3mount.mount_helper import translate
@@ -30,17 +30,6 @@ from s3mount.storage import Storage
 BIN = Path(sys.executable).parent
 HELPER_LINK = Path("/sbin/mount.fuse.s3mount")
 COMMAND_LINK = Path("/usr/local/bin/s3mount")
-
-
-def wait_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still alive")
 
 
 def status(mountpoint: Path) -> dict:

@@ -6,24 +6,12 @@ import errno
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, run_cli
+from conftest import Mount, run_cli, wait_gone
 
 from s3mount.storage import Storage
-
-
-def wait_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"daemon {pid} still alive")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
