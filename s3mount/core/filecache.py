@@ -15,12 +15,16 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from s3mount.core.errors import first_leaf
 from s3mount.core.metadata import ObjectMeta
 from s3mount.storage import MiB
+
+if TYPE_CHECKING:
+    from s3mount.core.streaming import PartStream
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class CachedFile:
         self.unlinked = False
         self.upload_lock = trio.Lock()
         self.mtime_ns: int | None = None  # of the last write (or as set by utimens)
+        self.times_set = False  # mtime_ns was set by utimens, not by a write
+        self.stream: PartStream | None = None  # parts of it already on their way to S3
         self.meta = ObjectMeta()  # the object's metadata, uploaded with the data
         self.closed = False
         # The journal holds a hard link to this file: copy it before changing it.
@@ -183,6 +189,8 @@ class CachedFile:
             self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
         self.size = max(self.size, off + n)
         self._changed()
+        if self.stream is not None:
+            self.stream.wrote(off, off + n)
         return n
 
     async def truncate(self, size: int) -> None:
@@ -194,6 +202,8 @@ class CachedFile:
         os.ftruncate(self.fd, size)
         self.size = size
         self._changed()
+        if self.stream is not None:
+            self.stream.truncated(size)
 
     def _changed(self) -> None:
         self.dirty = True

@@ -21,6 +21,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import trio
 
@@ -53,17 +54,21 @@ from s3mount.core.listing import (
     entries_from_pages,
 )
 from s3mount.core.metadata import (
+    CTIME,
     MAX_METADATA,
+    MTIME,
     MetaCache,
     ObjectMeta,
     headers_size,
     with_posix,
 )
 from s3mount.core.runner import ThreadRunner
+from s3mount.core.streaming import PartStream, Uploader
 from s3mount.core.writeback import WriteBack
 from s3mount.storage import (
     NotFound,
     ObjectInfo,
+    Part,
     PreconditionFailed,
     S3Facts,
     S3Key,
@@ -748,6 +753,8 @@ class S3FS:
         if cf is not None:
             self._untrack(cf)
             cf.unlinked = True
+            if cf.stream is not None:
+                cf.stream.broken = True  # the last close aborts it
             if cf.open_count == 0:
                 cf.close()
 
@@ -967,7 +974,11 @@ class S3FS:
                 self._untrack(cf)
                 raise Stale(f"{key}: changed by another client since it was opened")
             await self.deletes.settle(key)
-            info: ObjectInfo = await self.run(self.storage.write, cf.path, self._name(key), options)
+            streamed = await self._finish_stream(cf, meta) if cf.stream is not None else None
+            if streamed is not None:
+                info, meta = streamed
+            else:
+                info = await self.run(self.storage.write, cf.path, self._name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
             raise UploadFailed(str(exc)) from exc
@@ -979,6 +990,77 @@ class S3FS:
         self._kernel_etags[key] = info.etag
         self._update_listing(key, cf)
         return key, info.etag
+
+    # -- streaming a big file to S3 while it is written (default mode) ------------------------
+
+    def _maybe_stream(self, cf: CachedFile) -> None:
+        """A write at offset 0 of a file whose whole content is local: send its full parts to
+        S3 as the program goes on writing (see core/streaming.py)."""
+        if (
+            cf.stream is None
+            and self.write_back is None
+            and self.background is not None
+            and cf.fetch_limit == 0
+            and not cf.unlinked
+        ):
+            t = self.storage.transfer
+            cf.stream = PartStream(
+                cf.key, t.part_size_for(0), t.max_concurrency, self._uploader(cf),
+                self.background.start_soon,
+            )  # fmt: skip
+
+    def _uploader(self, cf: CachedFile) -> Uploader:
+        name, path = self._name(cf.key), cf.path
+
+        async def start() -> tuple[str, ObjectMeta]:
+            meta = self._headers_for_upload(cf)
+            options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
+            upload_id = await self.run(self.storage.multipart_start, name, options)
+            return upload_id, ObjectMeta(meta.headers, options.extra_args(name.key)["ContentType"])
+
+        async def send(upload_id: str, number: int, offset: int, length: int) -> Part:
+            return await self.run(
+                self.storage.multipart_part, name, upload_id, number, path, offset, length
+            )
+
+        async def finish(upload_id: str, parts: list[Part]) -> str:
+            return await self.run(self.storage.multipart_finish, name, upload_id, parts)
+
+        async def abort(upload_id: str) -> None:
+            await self.run(self.storage.multipart_abort, name, upload_id)
+
+        return Uploader(start, send, finish, abort)
+
+    async def _finish_stream(
+        self, cf: CachedFile, meta: ObjectMeta
+    ) -> tuple[ObjectInfo, ObjectMeta] | None:
+        """Complete ``cf``'s streamed upload: (the object, the metadata it got), or None when
+        the file must be uploaded whole.  The object keeps the headers the upload began with,
+        mtime included (the time the writing began), unless the program changed them since
+        (chmod, utimens, ...): then a copy in place stores ``meta``."""
+        stream, cf.stream = cf.stream, None
+        assert stream is not None
+        try:
+            etag = await stream.complete(cf.size)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.abort()
+            raise
+        if etag is None or stream.meta is None:
+            return None
+        began = stream.meta
+        info = ObjectInfo(
+            cf.key, cf.size, datetime.now().astimezone(), etag, began.content_type,
+            metadata=began.headers,
+        )  # fmt: skip
+        ignored = {CTIME} if cf.times_set else {CTIME, MTIME}
+        if {k: v for k, v in meta.headers.items() if k not in ignored} != {
+            k: v for k, v in began.headers.items() if k not in ignored
+        }:
+            meta = ObjectMeta(meta.headers, began.content_type)
+            return await self._replace_object_meta(cf.key, cf.size, meta), meta
+        cf.mtime_ns = began.mtime_ns
+        return info, began
 
     def _update_listing(self, key: str, cf: CachedFile) -> None:
         dkey, name = self._dir_key_of(key)
@@ -1003,6 +1085,9 @@ class S3FS:
         """The last handle is gone: keep what is unsaved, forget the local copy."""
         async with cf.upload_lock:  # after an unlink or rename still working on it
             if cf.open_count == 0 and not cf.closed:
+                if cf.stream is not None:
+                    stream, cf.stream = cf.stream, None
+                    await stream.abort()
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
                 elif not cf.unlinked and cf.etag and not cf.shared:
@@ -1055,6 +1140,9 @@ class S3FS:
         unless ``drain`` is False (it stays journaled for the next mount), free temp files."""
         try:
             await self.sync(drain=drain)
+            for cf in self.files.files.values():  # unlinked while open: nothing to complete
+                if cf.stream is not None:
+                    await cf.stream.abort()
         finally:
             for cf in list(self.files.files.values()):
                 if cf.dirty and not cf.unlinked:
@@ -1175,6 +1263,7 @@ class S3FS:
                 cf.meta = ObjectMeta(headers, cf.meta.content_type)
                 if mtime_ns is not None:
                     cf.mtime_ns = mtime_ns
+                    cf.times_set = True
                 if not cf.dirty and cf.etag is not None:
                     result = await self._replace_object_meta(key, cf.size, cf.meta)
                     cf.etag = result.etag
@@ -1425,6 +1514,8 @@ class S3FS:
     def _rekey(self, skey: str, dkey: str) -> None:
         """An open file now belongs to another key (after a rename)."""
         cf = self.files.files.pop(skey)
+        if cf.stream is not None:
+            cf.stream.broken = True  # its parts went to the old key: uploaded whole at close
         cf.key = dkey
         cf._fetch = self._fetcher(dkey)
         self.files.files[dkey] = cf
@@ -1523,8 +1614,11 @@ class OpenFile:
     async def pwrite(self, off: int, data: bytes) -> int:
         if not self.writable:
             raise FSError("file not open for writing")
+        if off == 0:
+            self.fs._maybe_stream(self.cf)
         n = await self.cf.write(off, data)
         self.cf.mtime_ns = time.time_ns()
+        self.cf.times_set = False
         self.fs._track(self.cf)
         return n
 
@@ -1532,6 +1626,7 @@ class OpenFile:
         self.fs._check_writable()
         await self.cf.truncate(size)
         self.cf.mtime_ns = time.time_ns()
+        self.cf.times_set = False
         self.fs._track(self.cf)
 
     def info(self) -> Info:
