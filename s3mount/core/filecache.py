@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK = 1 * MiB
-MAX_READAHEAD = 32 * MiB
-FETCH_PART = 4 * MiB
+MAX_READAHEAD = 64 * MiB
+FETCH_PART = 16 * MiB
 
 Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
