@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import filecmp
 import os
+import random
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -228,6 +229,34 @@ def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:
         fetched = mnt.status()["bytes_in"] - before
     assert len(first) == 4096
     assert fetched < size // 4, f"{fetched} bytes fetched for the first 4 KiB"
+
+
+def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage: Storage) -> None:
+    # Random 4 KiB reads each wait for one 1 MiB block; once they have fetched 1/32 of the
+    # file, the rest comes in the background and later reads need no request.
+    size = 40 * 1024 * 1024
+    data = os.urandom(size)
+    storage.client.put_object(Bucket=mnt.bucket, Key="rand.bin", Body=data)
+    time.sleep(1.2)  # listing TTL
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, size - 4096) for _ in range(300)]
+    before = mnt.status()["bytes_in"]
+    fd = os.open(mnt / "rand.bin", os.O_RDONLY)
+    try:
+        for o in offsets[:3]:
+            assert os.pread(fd, 4096, o) == data[o : o + 4096]
+
+        def all_fetched() -> None:
+            assert mnt.status()["bytes_in"] - before >= size
+
+        eventually(all_fetched, timeout=30)
+        gets = mnt.requests()["GetObject"]
+        for o in offsets[3:]:
+            assert os.pread(fd, 4096, o) == data[o : o + 4096]
+        assert mnt.requests()["GetObject"] == gets
+    finally:
+        os.close(fd)
+    assert mnt.status()["bytes_in"] - before < size + 4 * 1024 * 1024  # each block once
 
 
 def test_unmount_uploads_and_remount_sees_everything(

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 BLOCK = 1 * MiB
 MAX_READAHEAD = 64 * MiB
 FETCH_PART = 16 * MiB
+# Random reads that fetched 1/WHOLE_FILE_RATIO of a file start a background fetch of all
+# of it, FETCH_AHEAD at a time: it then costs at most that many times what the random reads
+# were fetching anyway, and later reads find their blocks local.
+WHOLE_FILE_RATIO = 32
+FETCH_AHEAD = 4 * FETCH_PART
 
 Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
@@ -50,6 +55,8 @@ class CachedFile:
         self.etag = etag
         self.present: set[int] = set()
         self._inflight: dict[int, trio.Event] = {}
+        self._random_misses = 0  # blocks fetched for reads that were not sequential
+        self._fetching_all = False
         self._fetch = fetch
         self.dirty = False
         self.generation = 0  # bumped by every change; an upload clears `dirty` only if unchanged
@@ -136,7 +143,15 @@ class CachedFile:
         end = min(off + size, self.size)
         if end <= off:
             return b""
-        self.stats["block_misses" if self._missing_blocks(off, end) else "block_hits"] += 1
+        missing = self._missing_blocks(off, end)
+        self.stats["block_misses" if missing else "block_hits"] += 1
+        if missing and not readahead:
+            self._random_misses += len(missing)
+            total = -(-self.fetch_limit // BLOCK)
+            if self._random_misses * WHOLE_FILE_RATIO >= total and spawn is not None:
+                if not self._fetching_all:
+                    self._fetching_all = True
+                    spawn(self._fetch_all)
         await self.ensure(off, end)
         if readahead:
             ahead = [
@@ -150,6 +165,19 @@ class CachedFile:
                 else:
                     await self._fetch_blocks(ahead)
         return os.pread(self.fd, end - off, off)
+
+    async def _fetch_all(self) -> None:
+        """Fetch every block still missing, a window at a time (leaving threads for reads)."""
+        try:
+            for start in range(0, self.fetch_limit, FETCH_AHEAD):
+                if self.closed:
+                    return
+                end = min(start + FETCH_AHEAD, self.fetch_limit)
+                await self._fetch_blocks(
+                    [b for b in self._missing_blocks(start, end) if b not in self._inflight]
+                )
+        except Exception as exc:  # the reads that need these blocks fetch them again
+            log.debug("background fetch of %s failed: %s", self.key, exc)
 
     async def _prefetch(self, blocks: list[int]) -> None:
         try:
