@@ -1499,13 +1499,13 @@ class S3FS:
 
         try:
             async with trio.open_nursery() as nursery:
+                if sdk not in keys:
+                    # Keep the moved directory even when it was implicit and is empty now.
+                    nursery.start_soon(self._put_marker, ddk, {})
                 for o in objects:
                     nursery.start_soon(copy_one, o)
         except ExceptionGroup as group:
             raise first_leaf(group) from None
-        if sdk not in keys:
-            # Keep the moved directory even when it was implicit and is empty now.
-            await self._put_marker(ddk, {})
         await self.run(self.storage.delete_many, keys, self.bucket)
         for key in [k for k in self.files.files if k.startswith(sdk)]:
             self._rekey(key, ddk + key[len(sdk) :])
