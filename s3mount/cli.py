@@ -240,8 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3mount: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug: still one line unless --debug
+    except Exception as exc:  # a bug: still one line unless --debug (the log has the rest)
         if debug:
             raise
+        logging.getLogger("s3mount").critical("unexpected error (a bug)", exc_info=True)
         print(f"s3mount: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

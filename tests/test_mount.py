@@ -231,6 +231,22 @@ def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:
     assert fetched < size // 4, f"{fetched} bytes fetched for the first 4 KiB"
 
 
+def test_metadata_changes_that_change_nothing_send_no_request(mnt: Mount) -> None:
+    # tar and cp -a chown what they just made to the owner it already has.
+    p = mnt / "owned.txt"
+    p.write_text("x")
+    os.chown(p, 1000, 1000)
+    os.chmod(p, 0o640)
+    before = mnt.requests()
+    os.chown(p, 1000, 1000)
+    os.chmod(p, 0o640)
+    os.chown(p, -1, -1)
+    assert mnt.requests().get("CopyObject", 0) == before.get("CopyObject", 0)
+    os.chown(p, 1001, -1)  # a real change: one copy in place
+    assert mnt.requests().get("CopyObject", 0) == before.get("CopyObject", 0) + 1
+    assert os.stat(p).st_uid == 1001
+
+
 def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage: Storage) -> None:
     # Random 4 KiB reads each wait for one 1 MiB block; once they have fetched 1/32 of the
     # file, the rest comes in the background and later reads need no request.

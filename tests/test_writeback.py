@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import time
 import uuid
@@ -224,6 +225,33 @@ def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) ->
     run_cli("sync", str(m.path))
     assert keys(storage, bucket) == {"b.txt"}
     assert body(storage, bucket, "b.txt") == b"A"
+
+
+def test_symlinks_are_journaled_and_their_owner_and_times_cost_no_request(
+    mount_factory, bucket, storage
+) -> None:
+    # tar makes a link, then lchown and utimensat on it: in write-back mode the three are one
+    # journal row and, later, one PUT that carries the final headers.
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    link = m / "zone" / "link"
+    link.parent.mkdir()
+    os.symlink("../Europe/Paris", link)
+    os.chown(link, 1234, 5678, follow_symlinks=False)
+    os.utime(link, ns=(1_600_000_000 * 10**9,) * 2, follow_symlinks=False)
+    assert os.readlink(link) == "../Europe/Paris"
+    assert "zone/link" not in keys(storage, bucket)
+    before = m.requests()
+    assert run_cli("sync", str(m.path)).returncode == 0
+    after = m.requests()
+    assert after.get("PutObject", 0) - before.get("PutObject", 0) == 1
+    assert after.get("CopyObject", 0) == before.get("CopyObject", 0)
+    assert body(storage, bucket, "zone/link") == b"../Europe/Paris"
+    m.unmount()
+    m.mount()
+    st = os.lstat(link)
+    assert stat.S_ISLNK(st.st_mode)
+    assert (st.st_uid, st.st_gid, st.st_mtime) == (1234, 5678, 1_600_000_000)
+    assert os.readlink(link) == "../Europe/Paris"
 
 
 def test_ten_thousand_journal_entries_start_in_seconds(mount_factory, bucket, storage,

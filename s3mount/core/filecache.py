@@ -148,10 +148,10 @@ class CachedFile:
         if missing and not readahead:
             self._random_misses += len(missing)
             total = -(-self.fetch_limit // BLOCK)
-            if self._random_misses * WHOLE_FILE_RATIO >= total and spawn is not None:
-                if not self._fetching_all:
-                    self._fetching_all = True
-                    spawn(self._fetch_all)
+            far_enough = self._random_misses * WHOLE_FILE_RATIO >= total
+            if far_enough and spawn is not None and not self._fetching_all:
+                self._fetching_all = True
+                spawn(self._fetch_all)
         await self.ensure(off, end)
         if readahead:
             ahead = [

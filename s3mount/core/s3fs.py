@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -892,34 +893,33 @@ class S3FS:
 
     async def upload_record(self, record: Record) -> None:
         """Upload one journaled version (called by the write-back scheduler)."""
+        key = record.key  # (the scheduler renames a record unlinked while it uploads)
         if not os.path.exists(record.data):
             # Cannot happen unless someone deleted it from the cache directory by hand.
-            log.error("journaled data of %s is missing (%s); dropping it", record.key, record.data)
+            log.error("journaled data of %s is missing (%s); dropping it", key, record.data)
             return
-        if record.base_etag is not None and await self._changed_remotely(
-            record.key, record.base_etag
-        ):
-            self._keep_conflict(record.key, record.data)
+        if record.base_etag is not None and await self._changed_remotely(key, record.base_etag):
+            self._keep_conflict(key, record.data)
             return
         options = WriteOptions(content_type=record.content_type or None, metadata=record.headers)
-        await self.deletes.settle(record.key)
-        info: ObjectInfo = await self.run(
-            self.storage.write, record.data, self._name(record.key), options
-        )
+        await self.deletes.settle(key)
+        info: ObjectInfo = await self.run(self.storage.write, record.data, self._name(key), options)
+        if record.key != key:
+            return  # unlinked meanwhile: the caller deletes the object
         meta = ObjectMeta(record.headers, info.content_type)
-        self.meta_cache.put(record.key, info.etag, None, meta)
-        for later in self.writeback.records_of(record.key):  # they build on it now
+        self.meta_cache.put(key, info.etag, None, meta)
+        for later in self.writeback.records_of(key):  # they build on it now
             if later.id != record.id:
                 later.base_etag = info.etag
-        cf = self.files.files.get(record.key)
+        cf = self.files.files.get(key)
         if cf is not None and cf.etag == record.base_etag:
             cf.etag = info.etag
-        newest = self.writeback.pending_for(record.key)
+        newest = self.writeback.pending_for(key)
         if newest is None or newest.id == record.id:
-            dkey, name = self._dir_key_of(record.key)
+            dkey, name = self._dir_key_of(key)
             mtime = (meta.mtime_ns or time.time_ns()) / 1e9
             self.listings.set_entry(dkey, Entry(name, False, record.size, mtime, info.etag, meta))
-        await self.confirm_key(record.key, info.etag)
+        await self.confirm_key(key, info.etag)
 
     async def _changed_remotely(self, key: str, base_etag: str) -> bool:
         """Whether another client replaced the object since our change was based on it."""
@@ -1053,10 +1053,8 @@ class S3FS:
             cf.key, cf.size, datetime.now().astimezone(), etag, began.content_type,
             metadata=began.headers,
         )  # fmt: skip
-        ignored = {CTIME} if cf.times_set else {CTIME, MTIME}
-        if {k: v for k, v in meta.headers.items() if k not in ignored} != {
-            k: v for k, v in began.headers.items() if k not in ignored
-        }:
+        ignored = (CTIME,) if cf.times_set else (CTIME, MTIME)
+        if not _same_meta(meta.headers, began.headers, ignored):
             meta = ObjectMeta(meta.headers, began.content_type)
             return await self._replace_object_meta(cf.key, cf.size, meta), meta
         cf.mtime_ns = began.mtime_ns
@@ -1258,6 +1256,8 @@ class S3FS:
             async with cf.upload_lock:
                 info = await self.getinfo(path)
                 headers = change(info)
+                if _same_meta(headers, info.meta.headers):
+                    return info
                 if headers_size(headers) > MAX_METADATA:
                     raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
                 cf.meta = ObjectMeta(headers, cf.meta.content_type)
@@ -1271,6 +1271,8 @@ class S3FS:
             return await self.getinfo(path)
         info = await self.getinfo(path)
         headers = change(info)
+        if _same_meta(headers, info.meta.headers):
+            return info  # e.g. tar's lchown to the owner the link already has: no request
         if headers_size(headers) > MAX_METADATA:
             raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
         parent, name = self._split(path)
@@ -1313,25 +1315,47 @@ class S3FS:
             {}, mode=stat.S_IFLNK | 0o777, uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
         )
         body = os.fsencode(target)
-        await self.deletes.settle(key)
-        info: ObjectInfo = await self.run(
-            self.storage.write_stream,
-            io.BytesIO(body),
-            self._name(key),
-            WriteOptions(content_type="application/octet-stream", metadata=headers),
-        )
-        meta = ObjectMeta(headers, "application/octet-stream")
-        self.meta_cache.put(key, info.etag, None, meta)
-        self._link_targets[key] = (info.etag, target)
-        entry = Entry(name, False, len(body), now / 1e9, info.etag, meta)
+        ctype = "application/octet-stream"
+        if self.write_back is not None:
+            # Journaled like a closed file: lchown/utimens then change the journal row (tar
+            # sets both on every link), and the one PUT goes later with the final headers.
+            entry = self._record_entry(name, self._journal_bytes(key, body, headers, ctype))
+        else:
+            await self.deletes.settle(key)
+            info: ObjectInfo = await self.run(
+                self.storage.write_stream,
+                io.BytesIO(body),
+                self._name(key),
+                WriteOptions(content_type=ctype, metadata=headers),
+            )
+            meta = ObjectMeta(headers, ctype)
+            self.meta_cache.put(key, info.etag, None, meta)
+            self._link_targets[key] = (info.etag, target)
+            entry = Entry(name, False, len(body), now / 1e9, info.etag, meta)
         self.listings.set_entry(self.dir_key(parent), entry)
         return self._info(path, entry)
+
+    def _journal_bytes(self, key: str, body: bytes, headers: dict[str, str], ctype: str) -> Record:
+        """Write-back mode: journal a new object from memory (uploaded later)."""
+        fd, tmp = tempfile.mkstemp(prefix="open-", dir=self.files.directory)
+        try:
+            os.write(fd, body)
+            record = self.journal.add(key, fd, tmp, len(body), headers, ctype, None, durable=False)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        self.writeback.add(record)
+        return record
 
     async def readlink(self, path: str) -> str:
         info = await self.getinfo(path)
         if not info.is_symlink:
             raise InvalidPath(f"{path}: not a symbolic link")
         key = self.key(path)
+        record = self.writeback.pending_for(key)
+        if record is not None:  # journaled, maybe not uploaded yet
+            with open(record.data, "rb") as f:
+                return os.fsdecode(f.read())
         known = self._link_targets.get(key)
         if known is not None and known[0] == info.etag:
             return known[1]
@@ -1679,6 +1703,16 @@ class OpenFile:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _same_meta(
+    new: dict[str, str], old: dict[str, str], ignored: tuple[str, ...] = (CTIME,)
+) -> bool:
+    """Whether a metadata change changes nothing stored but the ``ignored`` headers (by
+    default the ctime: not worth a request)."""
+    return {k: v for k, v in new.items() if k not in ignored} == {
+        k: v for k, v in old.items() if k not in ignored
+    }
 
 
 def _makedirs_private(path: str) -> None:

@@ -20,6 +20,7 @@ from s3mount.core.journal import Journal, Record
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
+DISCARDED = "\0discarded"  # the key of a record unlinked while its upload was in flight
 
 Uploader = Callable[[Record], Awaitable[None]]
 
@@ -69,10 +70,9 @@ class WriteBack:
             for r in list(self._by_key.get(key, {}).values()):
                 if r.key not in self._uploading:
                     self._forget(r)
-                else:  # the upload in flight is deleted afterwards
+                else:  # in flight: forgotten when it ends (and the caller deletes the key)
                     self._unindex(r)
-                    r.key = "\0discarded"
-                    self._index(r)
+                    r.key = DISCARDED
         self._notify()
 
     def busy(self, key: str) -> bool:
@@ -175,7 +175,7 @@ class WriteBack:
         finally:
             self._uploading.discard(key)
             limiter.release_on_behalf_of(r.id)
-            if r.key == "\0discarded":
+            if r.key == DISCARDED:
                 self._forget(r)
             for blocked in list(self._blocked.values()):  # they may go now
                 del self._blocked[blocked.id]
