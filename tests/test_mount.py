@@ -248,8 +248,9 @@ def test_metadata_changes_that_change_nothing_send_no_request(mnt: Mount) -> Non
 
 
 def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage: Storage) -> None:
-    # Random 4 KiB reads each wait for one 1 MiB block; once they have fetched 1/32 of the
-    # file, the rest comes in the background and later reads need no request.
+    # Random 4 KiB reads each wait for one 1 MiB block; once those after a jump backward
+    # have fetched 1/32 of the file, the rest comes in the background and later reads need
+    # no request.
     size = 40 * 1024 * 1024
     data = os.urandom(size)
     storage.client.put_object(Bucket=mnt.bucket, Key="rand.bin", Body=data)
@@ -259,7 +260,7 @@ def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage
     before = mnt.status()["bytes_in"]
     fd = os.open(mnt / "rand.bin", os.O_RDONLY)
     try:
-        for o in offsets[:3]:
+        for o in (30 * 1024 * 1024, 20 * 1024 * 1024 + 5, 10 * 1024 * 1024 + 7):  # jumps back
             assert os.pread(fd, 4096, o) == data[o : o + 4096]
 
         def all_fetched() -> None:
@@ -267,12 +268,28 @@ def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage
 
         eventually(all_fetched, timeout=30)
         gets = mnt.requests()["GetObject"]
-        for o in offsets[3:]:
+        for o in offsets:
             assert os.pread(fd, 4096, o) == data[o : o + 4096]
         assert mnt.requests()["GetObject"] == gets
     finally:
         os.close(fd)
     assert mnt.status()["bytes_in"] - before < size + 4 * 1024 * 1024  # each block once
+
+
+def test_reads_skipping_forward_do_not_fetch_the_whole_file(mnt: Mount, storage: Storage) -> None:
+    # A re-read that finds most pages in the kernel's cache reaches the daemon only for the
+    # holes, always further on: that is not a random pattern.
+    size = 40 * 1024 * 1024
+    data = os.urandom(size)
+    storage.client.put_object(Bucket=mnt.bucket, Key="skip.bin", Body=data)
+    time.sleep(1.2)  # listing TTL
+    before = mnt.status()["bytes_in"]
+    with open(mnt / "skip.bin", "rb", buffering=0) as f:
+        for o in range(0, size, 5 * 1024 * 1024):
+            f.seek(o)
+            assert f.read(4096) == data[o : o + 4096]
+        time.sleep(1)
+    assert mnt.status()["bytes_in"] - before < 16 * 1024 * 1024
 
 
 def test_unmount_uploads_and_remount_sees_everything(

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 BLOCK = 1 * MiB
 MAX_READAHEAD = 64 * MiB
 FETCH_PART = 16 * MiB
-# Random reads that fetched 1/WHOLE_FILE_RATIO of a file start a background fetch of all
-# of it, FETCH_AHEAD at a time: it then costs at most that many times what the random reads
-# were fetching anyway, and later reads find their blocks local.
+# Random reads (counted at jumps backward) that fetched 1/WHOLE_FILE_RATIO of a file start a
+# background fetch of all of it, FETCH_AHEAD at a time: it then costs a bounded multiple of
+# what the random reads were fetching anyway, and later reads find their blocks local.
 WHOLE_FILE_RATIO = 32
 FETCH_AHEAD = 4 * FETCH_PART
 
@@ -136,16 +136,22 @@ class CachedFile:
             self.present.add(b)
 
     async def read(
-        self, off: int, size: int, readahead: int = 0, spawn: Spawner | None = None
+        self,
+        off: int,
+        size: int,
+        readahead: int = 0,
+        spawn: Spawner | None = None,
+        random: bool = False,
     ) -> bytes:
         """Bytes [off, off+size); then fetch up to ``readahead`` bytes beyond, in the
-        background when ``spawn`` is given, once less than half of that window is present."""
+        background when ``spawn`` is given, once less than half of that window is present.
+        ``random``: the reader jumped back (see WHOLE_FILE_RATIO)."""
         end = min(off + size, self.size)
         if end <= off:
             return b""
         missing = self._missing_blocks(off, end)
         self.stats["block_misses" if missing else "block_hits"] += 1
-        if missing and not readahead:
+        if missing and random:
             self._random_misses += len(missing)
             total = -(-self.fetch_limit // BLOCK)
             far_enough = self._random_misses * WHOLE_FILE_RATIO >= total

@@ -207,6 +207,7 @@ class S3FS:
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
         self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
+        self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
         self._read_after_write = 0  # uploads that read back at once (-1: not always)
         self._head_inflight: dict[str, trio.Event] = {}
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
@@ -274,11 +275,14 @@ class S3FS:
 
     # -- listing ----------------------------------------------------------------------------
 
-    async def _listing(self, path: str) -> DirListing:
+    async def _listing(self, path: str, readdir: bool = False) -> DirListing:
         """The cached listing of a directory, fetched (once, however many ask) when stale.
 
-        A directory with subdirectories also starts a walk of its subtree (:meth:`_walk`),
-        and a directory a walk is about to complete waits for it."""
+        A walk of a subtree (:meth:`_walk`) starts when a program looks like it is going
+        through it: a ``readdir`` of a directory with subdirectories (``ls -R``, ``find``),
+        or lookups in a second subdirectory of one directory (``stat`` of many paths); a
+        lookup along one path (``cat a/b/c``) lists only the directories on it.  A directory
+        a walk is about to complete waits for it."""
         dkey = self.dir_key(path)
         while True:
             listing = self.listings.get(dkey)
@@ -309,15 +313,27 @@ class S3FS:
             finally:
                 del self._listing_inflight[dkey]
                 done.set()
-            subdirs = sum(1 for e in listing.entries.values() if e.is_dir)
-            if (
-                subdirs > 1
-                and self.background is not None
-                and not any(dkey.startswith(w.root) for w in self._walks.values())
-            ):
-                self._walks[dkey] = walk = _Walk(dkey)
-                self.background.start_soon(self._walk, walk)
+            if readdir:
+                self._maybe_walk(dkey, listing)
+            elif dkey != self.prefix:
+                parent = self._dir_key_of(dkey[: -len(self.sep)])[0]
+                self._lookups_below[parent] = self._lookups_below.get(parent, 0) + 1
+                above = self.listings.get(parent)
+                if self._lookups_below[parent] >= 2 and above is not None:
+                    self._maybe_walk(parent, above)
             return listing
+
+    def _maybe_walk(self, dkey: str, listing: DirListing) -> None:
+        """Start a walk of ``dkey``'s subtree unless one covers it or it has < 2 subdirs."""
+        subdirs = sum(1 for e in listing.entries.values() if e.is_dir)
+        if (
+            subdirs > 1
+            and self.background is not None
+            and not any(dkey.startswith(w.root) for w in self._walks.values())
+        ):
+            self._lookups_below.pop(dkey, None)
+            self._walks[dkey] = walk = _Walk(dkey)
+            self.background.start_soon(self._walk, walk)
 
     async def _walk(self, walk: _Walk) -> None:
         """List a subtree flat (no delimiter), and cache each directory's listing as soon as
@@ -373,8 +389,8 @@ class S3FS:
                     meta=cf.meta,
                 )
 
-    async def _entries(self, path: str) -> dict[str, Entry]:
-        listing = await self._listing(path)
+    async def _entries(self, path: str, readdir: bool = False) -> dict[str, Entry]:
+        listing = await self._listing(path, readdir)
         local = list(self._local_entries(self.dir_key(path)))
         if not local:
             return listing.entries
@@ -574,7 +590,7 @@ class S3FS:
         path = self.norm(path)
         if not (await self.getinfo(path, meta=False)).is_dir:
             raise NotADirectory(path)
-        entries = await self._entries(path)
+        entries = await self._entries(path, readdir=True)
         if meta:
             await self._verify(path, list(entries.values()), missing_ok=True)
             entries = {n: e for n, e in entries.items() if e.meta is not None}
@@ -1625,15 +1641,22 @@ class OpenFile:
         self.closed = False
 
     async def pread(self, off: int, size: int) -> bytes:
-        # The kernel sends readahead requests concurrently, slightly out of order.
-        if abs(off - self._next_sequential) <= SEQUENTIAL_SLACK:
+        # The kernel sends its readahead requests concurrently and slightly out of order:
+        # a read is sequential if it starts near where the requests so far have got to (or
+        # a little behind it), counted when they arrive, not when they are answered.
+        ahead = off - self._next_sequential
+        if -max(SEQUENTIAL_SLACK, self._readahead) <= ahead <= SEQUENTIAL_SLACK:
             self._readahead = min(max(self._readahead * 2, size * 4), MAX_READAHEAD)
-        else:
+            self._next_sequential = max(self._next_sequential, off + size)
+        else:  # a jump: a new run may start here
             self._readahead = 0
+            self._next_sequential = off + size
         bg = self.fs.background
-        data = await self.cf.read(off, size, self._readahead, bg.start_soon if bg else None)
-        self._next_sequential = max(self._next_sequential, off + len(data))
-        return data
+        # Only backward jumps count as random: a re-read that finds most pages in the
+        # kernel's cache skips forward over them, and must not fetch the whole file.
+        return await self.cf.read(
+            off, size, self._readahead, bg.start_soon if bg else None, random=ahead < 0
+        )
 
     async def pwrite(self, off: int, data: bytes) -> int:
         if not self.writable:
