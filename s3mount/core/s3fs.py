@@ -1261,21 +1261,16 @@ class S3FS:
         record = self.writeback.pending_for(key)
         if record is not None and key not in self.files.files and not self.writeback.busy(key):
             # Journaled and not uploading yet: the upload will carry the new metadata.
-            headers = change(await self.getinfo(path))
-            if headers_size(headers) > MAX_METADATA:
-                raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
+            _, headers = await self._changed_headers(path, change)
             self.journal.update_headers(record, headers)
             return await self.getinfo(path)
         await self.writeback.settle(key)  # metadata changes apply to what S3 has
         cf = self.files.files.get(key)
         if cf is not None:
             async with cf.upload_lock:
-                info = await self.getinfo(path)
-                headers = change(info)
+                info, headers = await self._changed_headers(path, change)
                 if _same_meta(headers, info.meta.headers):
                     return info
-                if headers_size(headers) > MAX_METADATA:
-                    raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
                 cf.meta = ObjectMeta(headers, cf.meta.content_type)
                 if mtime_ns is not None:
                     cf.mtime_ns = mtime_ns
@@ -1285,12 +1280,9 @@ class S3FS:
                     cf.etag = result.etag
                     self._update_listing(key, cf)
             return await self.getinfo(path)
-        info = await self.getinfo(path)
-        headers = change(info)
+        info, headers = await self._changed_headers(path, change)
         if _same_meta(headers, info.meta.headers):
             return info  # e.g. tar's lchown to the owner the link already has: no request
-        if headers_size(headers) > MAX_METADATA:
-            raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
         parent, name = self._split(path)
         if info.is_dir:
             meta = await self._put_marker(self.dir_key(path), headers)
@@ -1303,6 +1295,16 @@ class S3FS:
             )
         self.listings.set_entry(self.dir_key(parent), entry)
         return self._info(path, entry)
+
+    async def _changed_headers(
+        self, path: str, change: Callable[[Info], dict[str, str]]
+    ) -> tuple[Info, dict[str, str]]:
+        """The path's attributes, and its headers after ``change`` (NoSpace if too big)."""
+        info = await self.getinfo(path)
+        headers = change(info)
+        if headers_size(headers) > MAX_METADATA:
+            raise NoSpace(f"{path}: S3 keeps at most 2 KiB of metadata")
+        return info, headers
 
     async def _replace_object_meta(self, key: str, size: int, meta: ObjectMeta) -> ObjectInfo:
         """Copy an object onto itself with new metadata; the data is not uploaded again."""
