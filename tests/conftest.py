@@ -49,6 +49,15 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
+def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
+    """An object's body, read straight from S3 (not through the mount)."""
+    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_keys(storage: Storage, bucket: str) -> set[str]:
+    return {k.key for k in storage.bucket_list_keys(bucket)}
+
+
 def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
     """Retry ``check`` (an assertion) until it passes: S3 sees an unlink moments after it
     returns, as the mount batches deletes in the background."""

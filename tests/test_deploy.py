@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, MotoServer, Mount, free_port, run_cli, wait_gone
+from conftest import ROOT, MotoServer, Mount, free_port, run_cli, s3_bytes, wait_gone
 from faultproxy import FaultProxy
 
 from s3mount.mount_helper import translate
@@ -47,10 +47,6 @@ def wait_mounted(mountpoint: Path, proc: subprocess.Popen | None = None, timeout
             return json.loads(r.stdout)
         time.sleep(0.1)
     raise AssertionError(f"{mountpoint} not mounted after {timeout}s")
-
-
-def body(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 @contextlib.contextmanager
@@ -134,7 +130,7 @@ def test_mount_t_fuse_s3mount_fstab_and_umount_upload(
         r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         wait_gone(pid)  # the daemon uploaded the journal, then exited
-        assert body(storage, bucket, "sub/dir/via-mount.txt") == b"written under mount -t"
+        assert s3_bytes(storage, bucket, "sub/dir/via-mount.txt") == b"written under mount -t"
 
         # an fstab line (mount -T reads another file than /etc/fstab)
         fstab = tmp_path / "fstab"
@@ -250,8 +246,8 @@ def test_service_notify_crash_restart_and_stop_uploads(
         assert proc.wait(60) == 0
         sock.wait_for("STOPPING=1")
         sock.close()
-    assert body(storage, bucket, "before-stop.txt") == b"journaled, the stop uploads it"
-    assert body(storage, bucket, "before-crash.txt") == b"journaled, then the daemon died"
+    assert s3_bytes(storage, bucket, "before-stop.txt") == b"journaled, the stop uploads it"
+    assert s3_bytes(storage, bucket, "before-crash.txt") == b"journaled, then the daemon died"
     lines = log.read_text().splitlines()
     assert any(ln.startswith("<6>s3mount.daemon: mounted s3://") for ln in lines), lines
     assert not any(re.match(r"\d{4}-\d\d-\d\d", ln) for ln in lines)  # journald adds the time
@@ -328,7 +324,7 @@ def test_docker_entrypoint_mounts_from_the_environment(
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "unmounted" in out
-    assert body(storage, bucket, "from-env/from-container.txt") == b"docker stop uploads me"
+    assert s3_bytes(storage, bucket, "from-env/from-container.txt") == b"docker stop uploads me"
 
 
 # -- status and metrics ----------------------------------------------------------------------

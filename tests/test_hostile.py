@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import urllib3
-from conftest import Mount
+from conftest import Mount, s3_bytes, s3_keys
 
 from s3mount.storage import Storage
 
@@ -40,14 +40,6 @@ def log_text(m: Mount) -> str:
 
 def log_tail(m: Mount, lines: int = 30) -> str:
     return "\n--- s3mount.log (tail) ---\n" + "\n".join(log_text(m).splitlines()[-lines:])
-
-
-def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def s3_keys(storage: Storage, bucket: str) -> set[str]:
-    return {k.key for k in storage.bucket_list_keys(bucket)}
 
 
 def ls_la(m: Mount, path: Path) -> subprocess.CompletedProcess[bytes]:

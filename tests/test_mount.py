@@ -12,17 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Mount, eventually
+from conftest import Mount, eventually, s3_bytes, s3_keys
 
 from s3mount.storage import Storage
-
-
-def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def s3_keys(storage: Storage, bucket: str) -> set[str]:
-    return {k.key for k in storage.bucket_list_keys(bucket)}
 
 
 def test_create_read_overwrite_append_truncate(mnt: Mount, storage: Storage) -> None:

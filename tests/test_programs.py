@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import Mount
+from conftest import Mount, s3_bytes, s3_keys
 
 from s3mount.storage import Storage
 
@@ -55,20 +55,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
 def s3_sha256(storage: Storage, bucket: str, key: str) -> str:
     h = hashlib.sha256()
     body = storage.client.get_object(Bucket=bucket, Key=key)["Body"]
     for chunk in body.iter_chunks(4 * MiB):
         h.update(chunk)
     return h.hexdigest()
-
-
-def s3_keys(storage: Storage, bucket: str) -> set[str]:
-    return {k.key for k in storage.bucket_list_keys(bucket)}
 
 
 def walk(root: Path) -> Iterator[Path]:

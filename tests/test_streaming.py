@@ -11,15 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, eventually
+from conftest import Mount, eventually, s3_bytes
 
 from s3mount.storage import Storage
 
 MiB = 1024 * 1024
-
-
-def s3_bytes(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def open_uploads(storage: Storage, bucket: str) -> list[dict]:
@@ -78,9 +74,15 @@ class Writer:
 
 
 @pytest.fixture
-def writers() -> Iterator[list[Writer]]:
+def writer(tmp_path: Path) -> Iterator[Callable[[Path, bytes], Writer]]:
+    """writer(path, data) -> a Writer of ``path`` (killed at the end if still running)."""
     made: list[Writer] = []
-    yield made
+
+    def make(path: Path, data: bytes) -> Writer:
+        made.append(Writer(tmp_path, path, data))
+        return made[-1]
+
+    yield make
     for w in made:
         w.proc.kill()
         w.proc.wait()
@@ -94,11 +96,10 @@ def at_least(m: Mount, request: str, n: int) -> Callable[[], None]:
 
 
 def test_parts_are_uploaded_while_the_program_writes(
-    smnt: Mount, storage: Storage, tmp_path: Path, writers: list[Writer]
+    smnt: Mount, storage: Storage, writer: Callable[[Path, bytes], Writer]
 ) -> None:
     data = os.urandom(23 * MiB)  # four full 5 MiB parts and a 3 MiB tail
-    w = Writer(tmp_path, smnt / "big.bin", data)
-    writers.append(w)
+    w = writer(smnt / "big.bin", data)
     w.do(f"write 0 {16 * MiB}")
     eventually(at_least(smnt, "UploadPart", 3), timeout=30)  # the file is still open
     sizes = {k.key: k.size for k in storage.bucket_list_keys(smnt.bucket)}
@@ -116,11 +117,10 @@ def test_parts_are_uploaded_while_the_program_writes(
 
 
 def test_a_write_into_a_sent_part_sends_it_again(
-    smnt: Mount, storage: Storage, tmp_path: Path, writers: list[Writer]
+    smnt: Mount, storage: Storage, writer: Callable[[Path, bytes], Writer]
 ) -> None:
     data = bytearray(os.urandom(12 * MiB))
-    w = Writer(tmp_path, smnt / "patched.bin", bytes(data))
-    writers.append(w)
+    w = writer(smnt / "patched.bin", bytes(data))
     w.do(f"write 0 {12 * MiB}")
     eventually(at_least(smnt, "UploadPart", 2), timeout=30)
     w.do(f"patch {MiB + 7} {'PATCH' * 1000}")  # inside part 1, already in S3
@@ -132,11 +132,10 @@ def test_a_write_into_a_sent_part_sends_it_again(
 
 
 def test_truncating_below_the_sent_parts_uploads_the_file_whole(
-    smnt: Mount, storage: Storage, tmp_path: Path, writers: list[Writer]
+    smnt: Mount, storage: Storage, writer: Callable[[Path, bytes], Writer]
 ) -> None:
     data = os.urandom(12 * MiB)
-    w = Writer(tmp_path, smnt / "cut.bin", data)
-    writers.append(w)
+    w = writer(smnt / "cut.bin", data)
     w.do(f"write 0 {12 * MiB}")
     eventually(at_least(smnt, "UploadPart", 2), timeout=30)
     w.do(f"truncate {3 * MiB}")
@@ -147,12 +146,11 @@ def test_truncating_below_the_sent_parts_uploads_the_file_whole(
 
 
 def test_unlink_or_rename_while_streaming_leaves_no_upload_behind(
-    smnt: Mount, storage: Storage, tmp_path: Path, writers: list[Writer]
+    smnt: Mount, storage: Storage, writer: Callable[[Path, bytes], Writer]
 ) -> None:
     data = os.urandom(11 * MiB)
-    gone = Writer(tmp_path, smnt / "gone.bin", data)
-    moved = Writer(tmp_path, smnt / "moved.bin", data)
-    writers += [gone, moved]
+    gone = writer(smnt / "gone.bin", data)
+    moved = writer(smnt / "moved.bin", data)
     gone.do(f"write 0 {11 * MiB}")
     moved.do(f"write 0 {11 * MiB}")
     eventually(at_least(smnt, "UploadPart", 4), timeout=30)
@@ -168,13 +166,12 @@ def test_unlink_or_rename_while_streaming_leaves_no_upload_behind(
 
 
 def test_mtime_is_when_the_writing_began_unless_the_program_sets_it(
-    smnt: Mount, storage: Storage, tmp_path: Path, writers: list[Writer]
+    smnt: Mount, storage: Storage, writer: Callable[[Path, bytes], Writer], tmp_path: Path
 ) -> None:
     # A streamed object carries the headers its upload began with: its mtime is the time the
     # first part was full (docs/semantics.md).  Times a program sets (cp -p, touch -d) win.
     data = os.urandom(11 * MiB)
-    w = Writer(tmp_path, smnt / "plain.bin", data)
-    writers.append(w)
+    w = writer(smnt / "plain.bin", data)
     began = time.time()
     w.do(f"write 0 {6 * MiB}")
     eventually(at_least(smnt, "UploadPart", 1), timeout=30)

@@ -14,18 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, run_cli
+from conftest import Mount, run_cli, s3_bytes, s3_keys
 from faultproxy import FaultProxy
-
-from s3mount.storage import Storage
-
-
-def keys(storage: Storage, bucket: str) -> set[str]:
-    return {k.key for k in storage.bucket_list_keys(bucket)}
-
-
-def body(storage: Storage, bucket: str, key: str) -> bytes:
-    return storage.client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def kill_daemon(m: Mount) -> None:
@@ -67,15 +57,15 @@ def test_close_returns_before_upload_and_sync_waits(mount_factory, bucket, stora
     (m / "dir").mkdir()
     (m / "dir" / "small.txt").write_text("small")
     # journaled, not uploaded: readers and listings already see the new data
-    assert "late.bin" not in keys(storage, bucket)
+    assert "late.bin" not in s3_keys(storage, bucket)
     assert (m / "late.bin").read_bytes() == payload
     assert sorted(os.listdir(m.path)) == ["dir", "late.bin"]
     st = m.status()
     assert st["pending_uploads"] == 2 and st["pending_bytes"] == 300_005
     r = run_cli("sync", str(m.path))
     assert r.returncode == 0, r.stderr
-    assert body(storage, bucket, "late.bin") == payload
-    assert body(storage, bucket, "dir/small.txt") == b"small"
+    assert s3_bytes(storage, bucket, "late.bin") == payload
+    assert s3_bytes(storage, bucket, "dir/small.txt") == b"small"
     assert m.status()["pending_uploads"] == 0
 
 
@@ -84,7 +74,7 @@ def test_unmount_waits_for_pending_uploads(mount_factory, bucket, storage) -> No
     for i in range(20):
         (m / f"f{i}").write_text(f"file {i}")
     m.unmount()
-    assert keys(storage, bucket) == {f"f{i}" for i in range(20)}
+    assert s3_keys(storage, bucket) == {f"f{i}" for i in range(20)}
 
 
 def test_unmount_no_wait_keeps_the_journal_for_the_next_mount(mount_factory, bucket,
@@ -94,11 +84,11 @@ def test_unmount_no_wait_keeps_the_journal_for_the_next_mount(mount_factory, buc
     r = run_cli("unmount", "--no-wait", str(m.path))
     assert r.returncode == 0, r.stderr
     m.pid = None
-    assert "kept.txt" not in keys(storage, bucket)
+    assert "kept.txt" not in s3_keys(storage, bucket)
     m.options = ["--write-back", "0"]
     m.mount()
-    wait_for(lambda: "kept.txt" in keys(storage, bucket))
-    assert body(storage, bucket, "kept.txt") == b"kept for later"
+    wait_for(lambda: "kept.txt" in s3_keys(storage, bucket))
+    assert s3_bytes(storage, bucket, "kept.txt") == b"kept for later"
 
 
 def test_after_a_reboot_only_fsynced_files_are_uploaded(mount_factory, bucket, storage) -> None:
@@ -122,8 +112,8 @@ def test_after_a_reboot_only_fsynced_files_are_uploaded(mount_factory, bucket, s
     m.options = ["--write-back", "0"]
     m.mount()
     run_cli("sync", str(m.path))
-    assert body(storage, bucket, "synced.txt") == b"fsync'd"
-    assert "closed.txt" not in keys(storage, bucket)
+    assert s3_bytes(storage, bucket, "synced.txt") == b"fsync'd"
+    assert "closed.txt" not in s3_keys(storage, bucket)
     (kept,) = m.status()["recovered"]
     assert kept.endswith(".unverified") and "closed.txt" in kept
     assert Path(kept).read_text() == "closed only"
@@ -136,12 +126,12 @@ def test_kill_9_then_remount_uploads_everything(mount_factory, bucket, storage) 
     for name, data in files.items():
         (m / name).write_bytes(data)
     kill_daemon(m)
-    assert not any(k.startswith("d/f") for k in keys(storage, bucket))
+    assert not any(k.startswith("d/f") for k in s3_keys(storage, bucket))
     m.options = ["--write-back", "0"]
     m.mount()  # clears the dead mount, finds the journal
     run_cli("sync", str(m.path))
     for name, data in files.items():
-        assert body(storage, bucket, name) == data
+        assert s3_bytes(storage, bucket, name) == data
 
 
 def test_power_loss_copy_of_the_cache_directory(mount_factory, bucket, storage,
@@ -158,7 +148,7 @@ def test_power_loss_copy_of_the_cache_directory(mount_factory, bucket, storage,
     m.options = ["--write-back", "0"]
     m.mount()
     run_cli("sync", str(m.path))
-    assert body(storage, bucket, "a.txt") == b"survives a power loss"
+    assert s3_bytes(storage, bucket, "a.txt") == b"survives a power loss"
 
 
 def test_file_open_for_writing_at_the_crash_is_kept_not_uploaded(
@@ -179,7 +169,7 @@ def test_file_open_for_writing_at_the_crash_is_kept_not_uploaded(
         writer.kill()
         writer.wait()
     m.mount()
-    assert body(storage, bucket, "doc.txt") == b"the version in S3"  # not silently replaced
+    assert s3_bytes(storage, bucket, "doc.txt") == b"the version in S3"  # not silently replaced
     recovered = m.status()["recovered"]
     assert len(recovered) == 1 and "doc.txt" in recovered[0]
     assert Path(recovered[0]).read_bytes().startswith(b"HALF-WRITTEN")
@@ -200,9 +190,8 @@ def test_outage_queues_writes_and_uploads_after(proxied_wb, storage) -> None:
     r = run_cli("sync", str(m.path))
     assert r.returncode == 0, r.stderr
     for i in range(5):
-        assert (
-            body(storage, m.bucket, f"during{i}.txt") == f"written during the outage {i}".encode()
-        )
+        written = s3_bytes(storage, m.bucket, f"during{i}.txt")
+        assert written == f"written during the outage {i}".encode()
 
 
 def test_rewrites_upload_only_the_last_version(mount_factory, bucket, storage) -> None:
@@ -213,7 +202,7 @@ def test_rewrites_upload_only_the_last_version(mount_factory, bucket, storage) -
     before = m.requests().get("PutObject", 0)
     run_cli("sync", str(m.path))
     assert m.requests().get("PutObject", 0) - before == 1
-    assert body(storage, bucket, "log.txt") == b"version 9"
+    assert s3_bytes(storage, bucket, "log.txt") == b"version 9"
 
 
 def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) -> None:
@@ -223,8 +212,8 @@ def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) ->
     (m / "gone.txt").write_text("never uploaded")
     os.unlink(m / "gone.txt")
     run_cli("sync", str(m.path))
-    assert keys(storage, bucket) == {"b.txt"}
-    assert body(storage, bucket, "b.txt") == b"A"
+    assert s3_keys(storage, bucket) == {"b.txt"}
+    assert s3_bytes(storage, bucket, "b.txt") == b"A"
 
 
 def test_symlinks_are_journaled_and_their_owner_and_times_cost_no_request(
@@ -239,13 +228,13 @@ def test_symlinks_are_journaled_and_their_owner_and_times_cost_no_request(
     os.chown(link, 1234, 5678, follow_symlinks=False)
     os.utime(link, ns=(1_600_000_000 * 10**9,) * 2, follow_symlinks=False)
     assert os.readlink(link) == "../Europe/Paris"
-    assert "zone/link" not in keys(storage, bucket)
+    assert "zone/link" not in s3_keys(storage, bucket)
     before = m.requests()
     assert run_cli("sync", str(m.path)).returncode == 0
     after = m.requests()
     assert after.get("PutObject", 0) - before.get("PutObject", 0) == 1
     assert after.get("CopyObject", 0) == before.get("CopyObject", 0)
-    assert body(storage, bucket, "zone/link") == b"../Europe/Paris"
+    assert s3_bytes(storage, bucket, "zone/link") == b"../Europe/Paris"
     m.unmount()
     m.mount()
     st = os.lstat(link)
