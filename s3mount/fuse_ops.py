@@ -448,8 +448,10 @@ class Operations(pyfuse3.Operations):
             if value is None:
                 raise pyfuse3.FUSEError(errno.ENODATA)
             return str(value).encode()
-        if not n.startswith("user."):  # ls asks for security.* and system.* of every file
-            raise pyfuse3.FUSEError(errno.ENODATA)
+        if not n.startswith("user."):
+            # Not ENODATA: on "not supported" ls stops asking for the security.* and
+            # system.posix_acl_* of every file (it remembers the answer per device).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         value = (await self.fs.getxattrs(path)).get(n)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

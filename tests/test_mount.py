@@ -239,6 +239,40 @@ def test_metadata_changes_that_change_nothing_send_no_request(mnt: Mount) -> Non
     assert os.stat(p).st_uid == 1001
 
 
+def test_extended_attributes(mnt: Mount, storage: Storage) -> None:
+    p = mnt / "tagged.txt"
+    p.write_text("x")
+    os.setxattr(p, "user.color", b"red")
+    assert os.getxattr(p, "user.color") == b"red"
+    assert os.listxattr(p) == ["user.color"]
+    assert "xattr" in storage.client.head_object(Bucket=mnt.bucket, Key="tagged.txt")["Metadata"]
+    etag = storage.client.head_object(Bucket=mnt.bucket, Key="tagged.txt")["ETag"]
+    assert os.getxattr(p, "s3.etag").decode() == etag.strip('"')
+    os.removexattr(p, "user.color")
+    with pytest.raises(OSError) as missing:
+        os.getxattr(p, "user.color")
+    assert missing.value.errno == errno.ENODATA
+    # Other namespaces are not supported, which ls -l remembers for the whole mount
+    # instead of asking for each file's SELinux label and ACLs.
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(OSError) as unsupported:
+            os.getxattr(p, name)
+        assert unsupported.value.errno == errno.EOPNOTSUPP, name
+    with pytest.raises(OSError) as refused:
+        os.setxattr(p, "trusted.x", b"1")
+    assert refused.value.errno == errno.EOPNOTSUPP
+    for i in range(3):
+        (mnt / f"plain{i}").write_text("y")
+    trace = subprocess.run(
+        ["strace", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(mnt.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "tagged.txt" in trace.stdout
+    assert trace.stderr.count("EOPNOTSUPP") <= 2, trace.stderr  # once per kind, not per file
+
+
 def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage: Storage) -> None:
     # Random 4 KiB reads each wait for one 1 MiB block; once those after a jump backward
     # have fetched 1/32 of the file, the rest comes in the background and later reads need
