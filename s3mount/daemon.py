@@ -156,7 +156,8 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             fs.background = nursery  # readahead fetches run here
             if metrics_listeners:
                 nursery.start_soon(serve_metrics, metrics_listeners, status)
-            await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
+            st = await trio.to_thread.run_sync(os.stat, cfg.mountpoint)  # the mount answers
+            _set_read_ahead(st.st_dev)
             on_ready()
     finally:
         notify("STOPPING=1", f"STATUS=unmounting {cfg.mountpoint}, uploading dirty data")
@@ -176,6 +177,21 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
                             len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
+
+
+READ_AHEAD_KB = 1024  # the largest read request the kernel sends us (256 pages)
+
+
+def _set_read_ahead(dev: int) -> None:
+    """Let the kernel read ahead 1 MiB at a time on this mount instead of its default
+    128 KiB: a sequential read then comes in 1 MiB requests, a quarter of the calls.
+    Needs root (sysfs); otherwise the default stays."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.debug("kernel readahead stays at its default: %s", exc)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

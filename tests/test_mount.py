@@ -273,6 +273,13 @@ def test_extended_attributes(mnt: Mount, storage: Storage) -> None:
     assert trace.stderr.count("EOPNOTSUPP") <= 2, trace.stderr  # once per kind, not per file
 
 
+def test_kernel_readahead_is_raised_to_1_mib(mnt: Mount) -> None:
+    # The daemon raises the kernel's readahead on its mount (as root) from 128 KiB to 1 MiB.
+    dev = os.stat(mnt.path).st_dev
+    ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert ra.read_text().strip() == "1024"
+
+
 def test_random_reads_fetch_the_whole_file_in_the_background(mnt: Mount, storage: Storage) -> None:
     # Random 4 KiB reads each wait for one 1 MiB block; once those after a jump backward
     # have fetched 1/32 of the file, the rest comes in the background and later reads need
