@@ -558,7 +558,9 @@ class S3FS:
         if record is not None:
             return self._info(path, self._record_entry(posixpath.basename(path), record))
         parent, name = self._split(path)
-        entry = (await self._entries(parent)).get(name)
+        # Neither open nor journaled, so the listing alone knows it (merging the directory's
+        # local entries here would cost O(pending uploads) per lookup).
+        entry = (await self._listing(parent)).entries.get(name)
         if entry is None:
             raise ResourceNotFound(path)
         if meta:
