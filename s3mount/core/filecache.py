@@ -98,14 +98,21 @@ class CachedFile:
                 await waiting[0].wait()
 
     async def _fetch_blocks(self, blocks: list[int]) -> None:
+        await self._fetch_claimed(self._claim(blocks))
+
+    def _claim(self, blocks: list[int]) -> dict[int, trio.Event]:
+        """Mark blocks in flight (at once, so that readers arriving meanwhile wait for them)."""
+        events = {b: trio.Event() for b in blocks}
+        self._inflight.update(events)
+        return events
+
+    async def _fetch_claimed(self, events: dict[int, trio.Event]) -> None:
         runs: list[tuple[int, int]] = []  # (first block, count), each at most FETCH_PART long
-        for b in blocks:
+        for b in events:
             if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] * BLOCK < FETCH_PART:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((b, 1))
-        events = {b: trio.Event() for b in blocks}
-        self._inflight.update(events)
         try:
             async with trio.open_nursery() as nursery:
                 for first, count in runs:
@@ -158,19 +165,35 @@ class CachedFile:
             if far_enough and spawn is not None and not self._fetching_all:
                 self._fetching_all = True
                 spawn(self._fetch_all)
+        ahead = self._ahead(off, end, readahead) if readahead else []
+        if ahead and spawn is not None:
+            # Before waiting: the read's own missing blocks lead the first GET of the window.
+            spawn(self._prefetch, self._claim(ahead))
         await self.ensure(off, end)
-        if readahead:
-            ahead = [
-                b
-                for b in self._missing_blocks(end, min(end + readahead, self.size))
-                if b not in self._inflight
-            ]
-            if ahead and ahead[0] * BLOCK - end < readahead // 2:
-                if spawn is not None:
-                    spawn(self._prefetch, ahead)
-                else:
-                    await self._fetch_blocks(ahead)
+        if ahead and spawn is None:
+            await self._fetch_blocks([b for b in ahead if b not in self._inflight])
         return os.pread(self.fd, end - off, off)
+
+    def _ahead(self, off: int, end: int, readahead: int) -> list[int]:
+        """What a sequential read [off, end) should fetch: nothing while at least half of
+        the window beyond ``end`` is present or in flight; else every missing block from
+        ``off`` to the end of the window, cut to whole FETCH_PARTs (the rest comes with
+        the next window), so that each GET is a full part."""
+        todo = [
+            b
+            for b in self._missing_blocks(off, min(end + readahead, self.size))
+            if b not in self._inflight
+        ]
+        if not todo:
+            return []
+        own_missing = todo[0] * BLOCK < end
+        beyond = next((b for b in todo if b * BLOCK >= end), None)
+        if not own_missing and (beyond is None or beyond * BLOCK - end >= readahead // 2):
+            return []
+        per_part = FETCH_PART // BLOCK
+        if len(todo) > per_part:
+            todo = todo[: len(todo) // per_part * per_part]
+        return todo
 
     async def _fetch_all(self) -> None:
         """Fetch every block still missing, a window at a time (leaving threads for reads)."""
@@ -185,9 +208,9 @@ class CachedFile:
         except Exception as exc:  # the reads that need these blocks fetch them again
             log.debug("background fetch of %s failed: %s", self.key, exc)
 
-    async def _prefetch(self, blocks: list[int]) -> None:
+    async def _prefetch(self, claimed: dict[int, trio.Event]) -> None:
         try:
-            await self._fetch_blocks([b for b in blocks if b not in self._inflight])
+            await self._fetch_claimed(claimed)
         except Exception as exc:  # a reader that needs these blocks fetches them again
             log.debug("readahead of %s failed: %s", self.key, exc)
 
