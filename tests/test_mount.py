@@ -6,6 +6,7 @@ import errno
 import filecmp
 import os
 import random
+import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -209,6 +210,39 @@ def test_ls_l_of_2000_objects_heads_once_then_lists_only(
     again, _ = ls_l(m, "many", 2000)
     assert again.get("HeadObject", 0) <= 5, again
     assert again.get("ListObjectsV2", 0) <= 3, again
+
+
+def test_a_walk_samples_each_directory_before_the_program_gets_there(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    # Four directories of a plain client's objects, and one whose objects carry a mode.
+    for d in ("a", "b", "c", "d"):
+        for i in range(3):
+            storage.client.put_object(Bucket=bucket, Key=f"tree/{d}/f{i}", Body=b"x")
+    for i in range(3):
+        storage.client.put_object(Bucket=bucket, Key=f"tree/rich/f{i}", Body=b"r",
+                                  Metadata={"mode": str(0o100600)})  # fmt: skip
+    m = mount_factory(bucket, "--listing-ttl", "60")
+    before = m.requests().get("HeadObject", 0)
+    # A readdir with subdirectories starts a walk.  The lookup and the readdir sample the
+    # root and tree: one HEAD each (a marker that is not there: plain directories).
+    assert len(os.listdir(m / "tree")) == 5
+
+    # Without the program looking into them, each directory gets its sample HEAD (one,
+    # below a plain directory).
+    def sampled() -> None:
+        assert m.requests().get("HeadObject", 0) - before >= 2 + 5
+
+    eventually(sampled)
+    before = m.requests()
+    out = subprocess.run(["ls", "-lR", str(m / "tree")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    after = m.requests()
+    # Only the rich directory's other two objects still need their HEADs.
+    assert after.get("HeadObject", 0) - before.get("HeadObject", 0) <= 2
+    assert after.get("ListObjectsV2", 0) == before.get("ListObjectsV2", 0)
+    assert stat.S_IMODE(os.stat(m / "tree/rich/f0").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(m / "tree/a/f0").st_mode) == 0o644
 
 
 def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:

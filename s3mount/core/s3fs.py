@@ -142,6 +142,7 @@ class Info:
 # How entries get their POSIX metadata when the metadata cache does not know them (_verify).
 METADATA_MODES = ("auto", "head", "listing")
 META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
+PRESAMPLE_DIRS = 4  # walked directories sampled at once, ahead of the program
 KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
 
@@ -210,6 +211,10 @@ class S3FS:
         self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
         self._read_after_write = 0  # uploads that read back at once (-1: not always)
         self._head_inflight: dict[str, trio.Event] = {}
+        self._sampling: dict[str, trio.Event] = {}  # dir keys whose sample HEADs are in flight
+        # Walked directories are sampled in the background, a few at a time, so that the
+        # foreground keeps most worker threads.
+        self._presample_limiter = trio.CapacityLimiter(PRESAMPLE_DIRS)
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
         self.meta_cache = MetaCache(os.path.join(cache_dir, "metadata.sqlite"))
         self._kernel_etags: dict[str, str] = {}  # ETag whose data a reader last saw, by key
@@ -351,6 +356,8 @@ class S3FS:
                 ):
                     self.listings.put(dkey, entries, hidden)
                     self.stats["listing_walked"] += 1
+                    if self.metadata == "auto" and self.background is not None:
+                        self.background.start_soon(self._presample, dkey, walk.root)
 
         try:
             await self.deletes.flush(walk.root)
@@ -450,22 +457,59 @@ class S3FS:
         if self.metadata == "auto":
             listing = self.listings.get(self.dir_key(dir_path))
             if listing is not None and listing.plain is None:
-                # Sample a few (one below a plain directory), filled up with unknown
-                # siblings when asked for fewer.
                 parent = self.listings.get(self.dir_key(self._split(dir_path)[0]))
-                n = 1 if dir_path != "/" and parent is not None and parent.plain else META_SAMPLE
-                sample = list(todo[:n])
-                if len(sample) < n:
-                    ids = {id(e) for _, e in sample}
-                    others = [e for e in listing.entries.values() if id(e) not in ids]
-                    sample += self._unknown(dir_path, others)[: n - len(sample)]
-                await self._heads(dir_path, sample, missing_ok=True)
-                listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
+                below_plain = dir_path != "/" and parent is not None and bool(parent.plain)
+                await self._sample(dir_path, listing, todo, 1 if below_plain else META_SAMPLE)
                 todo = [(k, e) for k, e in todo if e.meta is None]
             if listing is not None and listing.plain:
                 self._assume_plain(todo)
                 return
         await self._heads(dir_path, todo, missing_ok=missing_ok)
+
+    async def _sample(
+        self, dir_path: str, listing: DirListing, todo: list[tuple[str, Entry]], n: int
+    ) -> None:
+        """Decide ``listing.plain`` from HEADs of ``n`` unknown entries (those asked for
+        first, filled up with siblings); once, however many ask at the same time."""
+        dkey = self.dir_key(dir_path)
+        pending = self._sampling.get(dkey)
+        if pending is not None:
+            await pending.wait()
+            return
+        done = self._sampling[dkey] = trio.Event()
+        try:
+            sample = list(todo[:n])
+            if len(sample) < n:
+                ids = {id(e) for _, e in sample}
+                others = [e for e in listing.entries.values() if id(e) not in ids]
+                sample += self._unknown(dir_path, others)[: n - len(sample)]
+            await self._heads(dir_path, sample, missing_ok=True)
+            listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
+        finally:
+            del self._sampling[dkey]
+            done.set()
+
+    async def _presample(self, dkey: str, walk_root: str) -> None:
+        """Sample a walked directory before the program gets there (``find`` and ``ls -lR``
+        would otherwise wait for one HEAD per directory, one directory after another).
+        One HEAD when the walk's root is plain, as below any plain directory."""
+        async with self._presample_limiter:
+            listing = self.listings.get(dkey)
+            if listing is None or listing.plain is not None or dkey in self._sampling:
+                return
+            path = self._path_of_dir_key(dkey)
+            todo = self._unknown(path, list(listing.entries.values()))
+            if not todo:
+                return
+            pending = self._sampling.get(walk_root)
+            if pending is not None:  # the program's readdir that started the walk
+                await pending.wait()
+            root = self.listings.get(walk_root)
+            n = 1 if root is not None and root.plain else META_SAMPLE
+            try:
+                await self._sample(path, listing, todo, n)
+            except Exception as exc:  # the program's own lookups sample it then
+                log.debug("metadata sample of %s failed: %s", path, exc)
 
     def _unknown(self, dir_path: str, entries: list[Entry]) -> list[tuple[str, Entry]]:
         """The entries without metadata (taking what the cache knows), with their meta key."""
@@ -1082,6 +1126,10 @@ class S3FS:
         dkey, name = self._dir_key_of(key)
         entry = Entry(name, False, cf.size, self._cf_mtime(cf), cf.etag, cf.meta)
         self.listings.set_entry(dkey, entry)
+
+    def _path_of_dir_key(self, dkey: str) -> str:
+        rel = dkey[len(self.prefix) :]
+        return "/" + "/".join(rel[: -len(self.sep)].split(self.sep)) if rel else "/"
 
     def _dir_key_of(self, key: str) -> tuple[str, str]:
         head, _, name = key[len(self.prefix) :].rpartition(self.sep)
