@@ -143,6 +143,7 @@ class Info:
 METADATA_MODES = ("auto", "head", "listing")
 META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
 PRESAMPLE_DIRS = 4  # walked directories sampled at once, ahead of the program
+PRESAMPLE_MAX = 1000  # and at most this many per walk (a walk may list 50,000 directories)
 KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
 
@@ -153,6 +154,7 @@ class _Walk:
 
     root: str
     last: str = ""  # the last key listed so far
+    presampled: int = 0  # directories whose metadata sample it started (PRESAMPLE_MAX)
     progress: trio.Event = field(default_factory=trio.Event)
 
     def step(self) -> None:
@@ -356,7 +358,12 @@ class S3FS:
                 ):
                     self.listings.put(dkey, entries, hidden)
                     self.stats["listing_walked"] += 1
-                    if self.metadata == "auto" and self.background is not None:
+                    if (
+                        self.metadata == "auto"
+                        and self.background is not None
+                        and walk.presampled < PRESAMPLE_MAX
+                    ):
+                        walk.presampled += 1
                         self.background.start_soon(self._presample, dkey, walk.root)
 
         try:
