@@ -170,8 +170,10 @@ class CachedFile:
             # Before waiting: the read's own missing blocks lead the first GET of the window.
             spawn(self._prefetch, self._claim(ahead))
         await self.ensure(off, end)
-        if ahead and spawn is None:
-            await self._fetch_blocks([b for b in ahead if b not in self._inflight])
+        if ahead and spawn is None:  # no background: the window now, its own blocks are here
+            await self._fetch_blocks(
+                [b for b in ahead if b not in self.present and b not in self._inflight]
+            )
         return os.pread(self.fd, end - off, off)
 
     def _ahead(self, off: int, end: int, readahead: int) -> list[int]:
