@@ -28,7 +28,7 @@ from typing import Any
 
 import platformdirs
 
-from s3mount.core.s3fs import METADATA_MODES
+from s3mount.core.metadata import METADATA_MODES
 
 CONFIG_ENV = "S3MOUNT_CONFIG"
 ENV_PREFIX = "S3MOUNT_"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from s3mount.core import S3FS
+from s3mount.core.s3fs import S3FS
 from s3mount.fuse_ops import MountOptions, Operations
 from s3mount.metrics import ErrorCounter, serve_metrics
 from s3mount.notify import notify

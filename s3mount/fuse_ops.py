@@ -26,8 +26,8 @@ from s3mount.control import (
     STATUS_XATTR,
     SYNC_XATTR,
 )
-from s3mount.core import S3FS, FSError, Info, OpenFile
-from s3mount.core.errors import Stale, first_leaf
+from s3mount.core.errors import FSError, Stale, first_leaf
+from s3mount.core.s3fs import S3FS, Info, OpenFile
 from s3mount.storage import StorageError
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,8 @@ from datetime import datetime
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.exceptions as bexc
-import botocore.utils
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.retries import standard as std_retries
+# boto3 and botocore are imported where a client is made or an error classified, not here:
+# they take a quarter second to import, and `s3mount status` or `unmount` never need them.
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +126,8 @@ _CREDENTIAL_CODES = {
 
 
 def _classify(exc: Exception, what: str) -> StorageError:
+    import botocore.exceptions as bexc
+
     """Turn any boto/botocore/OS exception into a StorageError with a one-line message."""
     if isinstance(exc, StorageError):
         return exc
@@ -345,7 +343,9 @@ def guess_content_type(key: str) -> str:
 # Retry handler built from botocore's standard pieces
 
 
-class _ScaledBackoff(std_retries.BaseRetryBackoff):
+class _ScaledBackoff:
+    """Full-jitter exponential backoff, capped (botocore's BaseRetryBackoff interface)."""
+
     def __init__(self, policy: RetryPolicy):
         self._policy = policy
 
@@ -365,6 +365,8 @@ class _NoQuota:
 
 
 def _install_retry_policy(client: Any, policy: RetryPolicy) -> None:
+    from botocore.retries import standard as std_retries
+
     events = client.meta.events
     events.unregister("needs-retry.s3", unique_id="retry-config-s3")
     handler = std_retries.RetryHandler(
@@ -434,6 +436,9 @@ class Storage:
     # -- connection -------------------------------------------------------------------------
 
     def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
         s = self.settings
         try:
             session = boto3.session.Session(
@@ -501,7 +506,9 @@ class Storage:
         except Exception as exc:
             raise _classify(exc, what) from None
 
-    def _transfer_config(self, size: int | None = None) -> TransferConfig:
+    def _transfer_config(self, size: int | None = None) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
         t = self.transfer
         part = t.part_size_for(size or 0)
         return TransferConfig(
@@ -621,7 +628,7 @@ class Storage:
         v = self._call(f"configuration of {b}", self._client.get_bucket_versioning, Bucket=b)
         try:
             t = self._client.get_bucket_tagging(Bucket=b).get("TagSet", [])
-        except bexc.ClientError:
+        except self._client.exceptions.ClientError:
             t = []  # NoSuchTagSet
         return {
             "versioning": v.get("Status", "Disabled"),
@@ -813,7 +820,7 @@ class Storage:
         try:
             r = self._client.get_object(**kwargs)
             data = r["Body"].read()
-        except bexc.ClientError as exc:
+        except self._client.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                 return b""
             raise _classify(exc, what) from None
@@ -1107,7 +1114,9 @@ def _no_expect_for_small_bodies(params: dict[str, Any], **_: Any) -> None:
     ones (a whole small file, most multipart parts are not) just send the body."""
     headers = params.get("headers", {})
     if "Expect" in headers and "body" in params:
-        length = botocore.utils.determine_content_length(params["body"])
+        from botocore.utils import determine_content_length
+
+        length = determine_content_length(params["body"])
         if length is not None and length <= SMALL_BODY:
             del headers["Expect"]
 

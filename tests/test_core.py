@@ -21,7 +21,6 @@ import botocore.exceptions
 import pytest
 import trio
 
-from s3mount.core import S3FS
 from s3mount.core.errors import (
     DirectoryNotEmpty,
     FSError,
@@ -33,7 +32,7 @@ from s3mount.core.errors import (
     ResourceNotFound,
     Stale,
 )
-from s3mount.core.s3fs import DIR_CONTENT_TYPE
+from s3mount.core.s3fs import DIR_CONTENT_TYPE, S3FS
 from s3mount.storage import MiB, Storage
 
 

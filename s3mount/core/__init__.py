@@ -1,6 +1,5 @@
-"""The core S3FS layer: path semantics over S3 keys, with its caches.  No FUSE in here."""
+"""The core S3FS layer: path semantics over S3 keys, with its caches.  No FUSE in here.
 
-from s3mount.core.errors import FSError
-from s3mount.core.s3fs import S3FS, Info, OpenFile
-
-__all__ = ["S3FS", "FSError", "Info", "OpenFile"]
+The entry point is :class:`s3mount.core.s3fs.S3FS`.  This package imports nothing by itself, so
+that a light module (``core.metadata`` for the configuration) can be used without trio.
+"""

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MODE, UID, GID, MTIME, CTIME, XATTR = "mode", "uid", "gid", "mtime", "ctime", "xattr"
 MAX_METADATA = 2048  # S3 keeps at most 2 KiB of user metadata per object
+# How entries get their POSIX metadata when the metadata cache does not know them (S3FS._verify).
+METADATA_MODES = ("auto", "head", "listing")
 
 
 def headers_size(headers: dict[str, str]) -> int:

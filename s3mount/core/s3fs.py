@@ -57,6 +57,7 @@ from s3mount.core.listing import (
 from s3mount.core.metadata import (
     CTIME,
     MAX_METADATA,
+    METADATA_MODES,
     MTIME,
     MetaCache,
     ObjectMeta,
@@ -139,8 +140,6 @@ class Info:
         )
 
 
-# How entries get their POSIX metadata when the metadata cache does not know them (_verify).
-METADATA_MODES = ("auto", "head", "listing")
 META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
 PRESAMPLE_DIRS = 4  # walked directories sampled at once, ahead of the program
 PRESAMPLE_MAX = 1000  # and at most this many per walk (a walk may list 50,000 directories)
