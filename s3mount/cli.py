@@ -28,7 +28,7 @@ from s3mount.mount_cli import (
 )
 from s3mount.notify import notify, stderr_is_journal
 from s3mount.objects_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, add_object_commands
-from s3mount.storage import ConnectionSettings, RetryPolicy, Storage, StorageError
+from s3mount.storage import ConnectionSettings, MiB, RetryPolicy, Storage, StorageError
 
 BUCKET_ENV = "S3MOUNT_BUCKET"
 
@@ -129,6 +129,7 @@ def _cmd_mount(args: argparse.Namespace, _st: None) -> int:
         connection=connection_settings(argparse.Namespace(**res.values)),
         transfer=transfer_settings(res.part_size),
         cache_dir=cache_dir,
+        cache_size=res.cache_size * MiB,
         read_only=res.read_only,
         allow_other=res.allow_other,
         options=mopts,

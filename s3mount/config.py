@@ -188,6 +188,12 @@ SETTINGS: dict[str, Setting] = {
         _S("cache_dir", _str, None, "local cache (default: the user cache dir)"),
         _S("listing_ttl", _float, 60.0, "seconds a directory listing is trusted (60)"),
         _S(
+            "cache_size",
+            _at_least(0),
+            2048,
+            "MiB of disk for closed files' data, so that re-reading costs no request (2048)",
+        ),
+        _S(
             "metadata",
             _metadata_mode,
             "auto",

@@ -40,6 +40,7 @@ class MountConfig:
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     cache_dir: str = ""
+    cache_size: int = 0  # bytes of closed files' clean data kept on disk
     read_only: bool = False
     allow_other: bool = False
     options: MountOptions = field(default_factory=MountOptions)
@@ -103,6 +104,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
         write_back=cfg.write_back,
         io_timeout=cfg.io_timeout,
         metadata=cfg.metadata,
+        keep_bytes=cfg.cache_size,
     )
     started = time.time()
     errors = ErrorCounter()
@@ -123,6 +125,8 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             "open_files": len(fs.files.files),
             "dirty_files": sum(1 for f in fs.files.files.values() if f.dirty),
             "dirty_bytes": fs.files.dirty_bytes(),
+            "kept_files": len(fs.files.kept),
+            "kept_bytes": fs.files.kept_bytes,
             "cache_dir": cfg.cache_dir,
             "write_back": cfg.write_back,
             **fs.writeback.stats(),

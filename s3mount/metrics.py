@@ -70,19 +70,20 @@ def render(st: dict[str, Any]) -> str:
     metric(
         "s3mount_cache_hits_total",
         "counter",
-        "Cache hits, by cache (listing, meta, block).",
+        "Cache hits, by cache (listing, meta, block, kept).",
         [(f"{{cache={_label(c)}}}", hm[0]) for c, hm in sorted(caches.items())],
     )
     metric(
         "s3mount_cache_misses_total",
         "counter",
-        "Cache misses, by cache (listing, meta, block).",
+        "Cache misses, by cache (listing, meta, block, kept).",
         [(f"{{cache={_label(c)}}}", hm[1]) for c, hm in sorted(caches.items())],
     )
     gauges = [
         ("s3mount_open_files", "open_files", "Files open on the mount."),
         ("s3mount_dirty_files", "dirty_files", "Open files with data not uploaded yet."),
         ("s3mount_dirty_bytes", "dirty_bytes", "Bytes of the dirty open files."),
+        ("s3mount_kept_bytes", "kept_bytes", "Disk used by closed files' data (--cache-size)."),
         ("s3mount_pending_uploads", "pending_uploads", "Journaled uploads not done yet."),
         ("s3mount_pending_bytes", "pending_bytes", "Bytes of the journaled uploads."),
         ("s3mount_uploads_in_flight", "uploading", "Journaled uploads running now."),

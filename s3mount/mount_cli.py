@@ -78,7 +78,7 @@ def add_mount_commands(
     )
     bools = {"read_only", "allow_other"}
     for name in (
-        "read_only", "allow_other", "uid", "gid", "umask", "cache_dir", "listing_ttl",
+        "read_only", "allow_other", "uid", "gid", "umask", "cache_dir", "cache_size", "listing_ttl",
         "attr_timeout", "negative_timeout", "key_sync_timeout", "threads", "io_timeout",
         "write_back", "part_size", "log_level", "log_file", "metrics_port", "metrics_host",
         "metadata",
@@ -140,7 +140,8 @@ def add_mount_commands(
 
 
 _METAVAR = {
-    "uid": "UID", "gid": "GID", "umask": "OCTAL", "cache_dir": "DIR", "listing_ttl": "SECONDS",
+    "uid": "UID", "gid": "GID", "umask": "OCTAL", "cache_dir": "DIR", "cache_size": "MIB",
+    "listing_ttl": "SECONDS",
     "attr_timeout": "SECONDS", "negative_timeout": "SECONDS", "key_sync_timeout": "SECONDS",
     "threads": "N", "io_timeout": "SECONDS", "write_back": "SECONDS", "part_size": "MIB",
     "log_level": "LEVEL", "log_file": "FILE", "metrics_port": "PORT", "metrics_host": "ADDRESS",
@@ -285,7 +286,8 @@ def format_status(st: dict[str, Any]) -> str:
         ))  # fmt: skip
     lines.append(
         f"files:     {st['open_files']} open, {st['dirty_files']} dirty "
-        f"({_size(st['dirty_bytes'])} not uploaded)"
+        f"({_size(st['dirty_bytes'])} not uploaded), "
+        f"{st.get('kept_files', 0)} closed kept ({_size(st.get('kept_bytes', 0))})"
     )
     lines.append(
         f"uploads:   {st.get('pending_uploads', 0)} pending "

@@ -359,6 +359,47 @@ def test_reads_skipping_forward_do_not_fetch_the_whole_file(mnt: Mount, storage:
     assert mnt.status()["bytes_in"] - before < 16 * 1024 * 1024
 
 
+def test_closed_files_data_is_kept_for_the_next_open(mnt: Mount, storage: Storage) -> None:
+    # After the last close the file's fetched blocks stay on disk (--cache-size), so a re-read
+    # after the kernel dropped its pages sends no GET; a new version of the object is fetched.
+    size = 8 * 1024 * 1024
+    data = os.urandom(size)
+    storage.client.put_object(Bucket=mnt.bucket, Key="kept.bin", Body=data)
+    time.sleep(1.2)  # listing TTL
+
+    def read_dropping_kernel_pages() -> bytes:
+        with open(mnt / "kept.bin", "rb") as f:
+            got = f.read()
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return got
+
+    assert read_dropping_kernel_pages() == data
+    gets = mnt.requests()["GetObject"]
+    assert read_dropping_kernel_pages() == data
+    assert read_dropping_kernel_pages() == data
+    assert mnt.requests()["GetObject"] == gets
+    assert mnt.status()["cache"]["kept_hits"] >= 2
+    assert mnt.status()["kept_bytes"] >= size
+
+    # A new version behind the mount: once the listing expires, its data comes from S3.
+    changed = os.urandom(size)
+    storage.client.put_object(Bucket=mnt.bucket, Key="kept.bin", Body=changed)
+    time.sleep(1.2)
+    assert read_dropping_kernel_pages() == changed
+    assert mnt.requests()["GetObject"] > gets
+
+
+def test_cache_size_0_keeps_nothing(mount_factory, bucket: str, storage: Storage) -> None:
+    m = mount_factory(bucket, "--cache-size", "0")
+    storage.client.put_object(Bucket=bucket, Key="f.bin", Body=b"x" * 3_000_000)
+    for _ in range(2):
+        with open(m / "f.bin", "rb") as f:
+            assert f.read() == b"x" * 3_000_000
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert m.requests()["GetObject"] == 2
+    assert not [n for n in os.listdir(m.cache / "open") if n.startswith("kept-")]
+
+
 def test_unmount_uploads_and_remount_sees_everything(
     mount_factory, bucket: str, storage: Storage
 ) -> None:

@@ -4,6 +4,8 @@ An open file is a :class:`CachedFile`: a sparse local temporary file plus the se
 it that hold the object's data.  Blocks come from S3 only when a read needs them (ranged GETs
 pinned to the object's ETag, with sequential readahead) or when a write covers part of a block.
 Writes land in the local file and mark it dirty; the S3FS uploads it on flush/fsync/close.
+When the last handle closes, a clean file's blocks are kept (up to a byte budget, least
+recently closed first out) so that opening the same version again costs no GET.
 All state changes happen in the trio thread; only the S3 fetches run in worker threads.
 """
 
@@ -13,7 +15,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -201,7 +203,7 @@ class CachedFile:
         """Fetch every block still missing, a window at a time (leaving threads for reads)."""
         try:
             for start in range(0, self.fetch_limit, FETCH_AHEAD):
-                if self.closed:
+                if self.closed or self.open_count == 0:  # nobody reads it any more
                     return
                 end = min(start + FETCH_AHEAD, self.fetch_limit)
                 await self._fetch_blocks(
@@ -209,6 +211,8 @@ class CachedFile:
                 )
         except Exception as exc:  # the reads that need these blocks fetch them again
             log.debug("background fetch of %s failed: %s", self.key, exc)
+        finally:
+            self._fetching_all = False
 
     async def _prefetch(self, claimed: dict[int, trio.Event]) -> None:
         try:
@@ -220,7 +224,7 @@ class CachedFile:
 
     def _unshare(self, keep: int) -> None:
         """Copy-on-write: move to a private copy of the first ``keep`` bytes."""
-        fd, path = tempfile.mkstemp(prefix="open-", dir=os.path.dirname(self.path))
+        fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=os.path.dirname(self.path))
         done = 0
         while done < keep:
             n = os.copy_file_range(self.fd, fd, keep - done, done, done)
@@ -290,14 +294,26 @@ class CachedFile:
             os.unlink(self.path)
 
 
-class FileCache:
-    """The open files, by key, backed by temp files in one private directory."""
+OPEN_PREFIX = "open-"  # a temp file that may hold unsaved data (recovered after a crash)
+KEPT_PREFIX = "kept-"  # a closed file's clean blocks, removed at start
 
-    def __init__(self, directory: str):
+
+class FileCache:
+    """The open files, by key, backed by temp files in one private directory; and the clean
+    data of closed files, kept for ``keep_bytes`` (disk space, least recently closed out)."""
+
+    def __init__(self, directory: str, keep_bytes: int = 0):
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
         self.directory = directory
         self.files: dict[str, CachedFile] = {}
+        self.keep_bytes = keep_bytes
+        self.kept: OrderedDict[str, tuple[CachedFile, int]] = OrderedDict()  # key -> (, bytes)
+        self.kept_bytes = 0
+        for name in os.listdir(directory):  # a dead daemon's, or one killed while stopping
+            if name.startswith(KEPT_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
         # Reads served from local blocks ("block_hits") or that waited for S3 ("block_misses").
         self.stats: Counter[str] = Counter()
 
@@ -308,14 +324,15 @@ class FileCache:
         return cf
 
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
-        fd, path = tempfile.mkstemp(prefix="open-", dir=self.directory)  # mode 0600
+        fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=self.directory)  # mode 0600
         return self._cached_file(path, fd, key, size, etag, fetch)
 
     def from_data(
         self, key: str, data: str, size: int, etag: str | None, fetch: Fetcher
     ) -> CachedFile:
         """An open file whose content is a journaled data file (linked, copied on write)."""
-        path = os.path.join(self.directory, f"open-{os.path.basename(data)}-{os.getpid()}")
+        name = f"{OPEN_PREFIX}{os.path.basename(data)}-{os.getpid()}"
+        path = os.path.join(self.directory, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.link(data, path)
@@ -330,8 +347,55 @@ class FileCache:
         return [
             os.path.join(self.directory, n)
             for n in os.listdir(self.directory)
-            if n.startswith("open-") and os.path.join(self.directory, n) not in owned
+            if n.startswith(OPEN_PREFIX) and os.path.join(self.directory, n) not in owned
         ]
 
     def dirty_bytes(self) -> int:
         return sum(f.size for f in self.files.values() if f.dirty)
+
+    # -- closed files' clean data ----------------------------------------------------------
+
+    def keep(self, cf: CachedFile) -> bool:
+        """Keep a closed, clean file's blocks (False: no room, the caller closes it)."""
+        if self.keep_bytes <= 0:
+            return False
+        used = os.fstat(cf.fd).st_blocks * 512
+        if used > self.keep_bytes:
+            return False
+        self.forget(cf.key)
+        path = os.path.join(self.directory, KEPT_PREFIX + os.path.basename(cf.path))
+        os.rename(cf.path, path)  # not unsaved data, whatever happens next
+        cf.path = path
+        self.kept[cf.key] = (cf, used)
+        self.kept_bytes += used
+        while self.kept_bytes > self.keep_bytes:
+            self.forget(next(iter(self.kept)))
+        return True
+
+    def reopen(self, key: str, size: int, etag: str | None) -> CachedFile | None:
+        """The kept file of ``key`` if it holds version ``etag`` (else it is dropped)."""
+        entry = self.kept.pop(key, None)
+        if entry is None:
+            return None
+        cf, used = entry
+        self.kept_bytes -= used
+        if etag is None or cf.etag != etag or cf.size != size:
+            self.stats["kept_misses"] += 1  # another version now
+            cf.close()
+            return None
+        path = os.path.join(self.directory, OPEN_PREFIX + cf.path.rpartition(KEPT_PREFIX)[2])
+        os.rename(cf.path, path)
+        cf.path = path
+        self.stats["kept_hits"] += 1
+        return cf
+
+    def forget(self, key: str) -> None:
+        """Drop the kept data of ``key`` (its object changed or went away)."""
+        entry = self.kept.pop(key, None)
+        if entry is not None:
+            self.kept_bytes -= entry[1]
+            entry[0].close()
+
+    def forget_all(self) -> None:
+        for key in list(self.kept):
+            self.forget(key)

@@ -187,6 +187,7 @@ class S3FS:
         write_back: float | None = None,
         io_timeout: float | None = 60.0,
         metadata: str = "auto",
+        keep_bytes: int = 0,
     ):
         if len(separator) != 1:
             raise ValueError("the separator must be one character")
@@ -203,7 +204,8 @@ class S3FS:
         self.listings = ListingCache(listing_ttl)
         _makedirs_private(cache_dir)
         os.chmod(cache_dir, 0o700)  # temp files, unsaved data and metadata are private
-        self.files = FileCache(os.path.join(cache_dir, "open"))
+        # keep_bytes: disk space for closed files' clean data, so re-opening costs no GET.
+        self.files = FileCache(os.path.join(cache_dir, "open"), keep_bytes)
         # Cache hits and misses, for status and metrics: listing_*, meta_*, block_* (data).
         self.stats = self.files.stats
         self.started = time.time()
@@ -790,6 +792,7 @@ class S3FS:
             if self.writeback.busy(key):  # an upload in flight lands before the delete
                 await self.writeback.settle(key)
             await self.deletes.add(key)
+        self.files.forget(key)
         parent, name = self._split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.meta_cache.delete(key)
@@ -896,7 +899,9 @@ class S3FS:
                     raise ResourceExists(path)
                 if info.is_symlink:
                     raise InvalidPath(f"{path}: a symbolic link")
-                cf = self.files.new(key, info.size, info.etag, self._fetcher(key))
+                cf = self.files.reopen(key, info.size, info.etag) or self.files.new(
+                    key, info.size, info.etag, self._fetcher(key)
+                )
                 cf.mtime_ns = info.mtime_ns
                 cf.meta = info.meta
             self.files.files[key] = cf
@@ -1158,14 +1163,17 @@ class S3FS:
                 if cf.stream is not None:
                     stream, cf.stream = cf.stream, None
                     await stream.abort()
+                clean = False
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
                 elif not cf.unlinked and cf.etag and not cf.shared:
                     self._kernel_etags[cf.key] = cf.etag
+                    clean = True
                 if self.files.files.get(cf.key) is cf:
                     del self.files.files[cf.key]
                 self._untrack(cf)
-                cf.close()
+                if not (clean and self.files.keep(cf)):
+                    cf.close()
 
     def _keep_unsaved(self, cf: CachedFile) -> None:
         """Keep data that could not be uploaded, under the cache dir, named by its key."""
@@ -1220,6 +1228,7 @@ class S3FS:
                 self._untrack(cf)
                 cf.close()
             self.files.files.clear()
+            self.files.forget_all()
 
     async def truncate(self, path: str, size: int) -> None:
         """truncate(2) by path: open, cut or extend, upload, close."""
@@ -1553,6 +1562,8 @@ class S3FS:
             if src_remote:
                 await self.deletes.add(skey)
         self.meta_cache.delete(skey)
+        self.files.forget(skey)
+        self.files.forget(dkey)
         link = self._link_targets.pop(skey, None)
         sp, sn = self._split(src)
         dp, dn = self._split(dst)
