@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MODE, UID, GID, MTIME, CTIME, XATTR = "mode", "uid", "gid", "mtime", "ctime", "xattr"
 MAX_METADATA = 2048  # S3 keeps at most 2 KiB of user metadata per object
-# How entries get their POSIX metadata when the metadata cache does not know them (S3FS._verify).
+# How entries get their POSIX metadata when the metadata cache does not know them (core.resolver).
 METADATA_MODES = ("auto", "head", "listing")
 
 

@@ -46,8 +46,8 @@ from s3mount.core.errors import (
 )
 from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
 from s3mount.core.journal import Journal, Record
+from s3mount.core.keys import KeySpace
 from s3mount.core.listing import (
-    NAME_MAX,
     DirListing,
     Entry,
     ListingCache,
@@ -57,13 +57,13 @@ from s3mount.core.listing import (
 from s3mount.core.metadata import (
     CTIME,
     MAX_METADATA,
-    METADATA_MODES,
     MTIME,
     MetaCache,
     ObjectMeta,
     headers_size,
     with_posix,
 )
+from s3mount.core.resolver import MetadataResolver
 from s3mount.core.runner import ThreadRunner
 from s3mount.core.streaming import PartStream, Uploader
 from s3mount.core.writeback import WriteBack
@@ -74,7 +74,6 @@ from s3mount.storage import (
     PreconditionFailed,
     S3Facts,
     S3Key,
-    S3Name,
     Storage,
     StorageError,
     WriteOptions,
@@ -140,8 +139,6 @@ class Info:
         )
 
 
-META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
-PRESAMPLE_DIRS = 4  # walked directories sampled at once, ahead of the program
 PRESAMPLE_MAX = 1000  # and at most this many per walk (a walk may list 50,000 directories)
 KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
@@ -169,7 +166,7 @@ class _Walk:
         )
 
 
-class S3FS:
+class S3FS(KeySpace):
     """A file system over ``bucket`` (under ``prefix``), stored through ``storage``."""
 
     def __init__(
@@ -189,17 +186,10 @@ class S3FS:
         metadata: str = "auto",
         keep_bytes: int = 0,
     ):
-        if len(separator) != 1:
-            raise ValueError("the separator must be one character")
-        self.bucket = bucket
-        self.sep = separator
-        self.prefix = prefix.strip(separator) + separator if prefix.strip(separator) else ""
+        super().__init__(bucket, prefix, separator)
         self.storage = storage or Storage(default_bucket=bucket)
         self.key_sync_timeout = key_sync_timeout
         self.read_only = read_only
-        if metadata not in METADATA_MODES:
-            raise ValueError(f"metadata must be one of {', '.join(METADATA_MODES)}")
-        self.metadata = metadata
         self.run = ThreadRunner(threads, read_deadline=io_timeout)
         self.listings = ListingCache(listing_ttl)
         _makedirs_private(cache_dir)
@@ -213,13 +203,11 @@ class S3FS:
         self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
         self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
         self._read_after_write = 0  # uploads that read back at once (-1: not always)
-        self._head_inflight: dict[str, trio.Event] = {}
-        self._sampling: dict[str, trio.Event] = {}  # dir keys whose sample HEADs are in flight
-        # Walked directories are sampled in the background, a few at a time, so that the
-        # foreground keeps most worker threads.
-        self._presample_limiter = trio.CapacityLimiter(PRESAMPLE_DIRS)
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
         self.meta_cache = MetaCache(os.path.join(cache_dir, "metadata.sqlite"))
+        self.resolver = MetadataResolver(
+            self, self.storage, self.run, self.listings, self.meta_cache, self.stats, metadata
+        )
         self._kernel_etags: dict[str, str] = {}  # ETag whose data a reader last saw, by key
         self.recovery_dir = os.path.join(cache_dir, "unsaved")
         self.background: trio.Nursery | None = None  # for readahead; set by the daemon
@@ -233,53 +221,6 @@ class S3FS:
         self._renaming: dict[str, trio.Event] = {}  # keys a rename is replacing right now
         self.deletes = DeleteQueue(self._delete_keys, self._deletes_failed)
         self._recover_leftovers(unverified)
-
-    # -- paths and keys ---------------------------------------------------------------------
-
-    def norm(self, path: str) -> str:
-        """'/a/b' form of a path; refuses '..' above the root and bad names."""
-        p = posixpath.normpath("/" + path)  # no strip(): "a " and "a" are two names
-        if p.startswith("//"):
-            p = "/" + p.lstrip("/")
-        for part in p.split("/")[1:]:
-            if part in ("..",):
-                raise InvalidPath(f"{path}: '..' above the root")
-            if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
-                raise NameTooLong(path)
-            if self.sep != "/" and self.sep in part:
-                raise InvalidPath(f"{path}: contains the key separator {self.sep!r}")
-        return p
-
-    def key(self, path: str) -> str:
-        """The object key of a file path."""
-        p = self.norm(path)
-        if p == "/":
-            return self.prefix
-        key = self.prefix + self.sep.join(p.split("/")[1:])
-        try:
-            raw = key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidPath(f"{path}: not valid UTF-8, S3 cannot store it") from None
-        if len(raw) > S3Facts.maximum_key_length:
-            raise NameTooLong(f"{path}: key longer than S3's 1024 bytes")
-        return key
-
-    def dir_key(self, path: str) -> str:
-        """The key prefix of a directory's children ('' or ending with the separator)."""
-        k = self.key(path)
-        if k == self.prefix:
-            return k
-        if len(k.encode()) + 1 > S3Facts.maximum_key_length:
-            raise NameTooLong(f"{path}: a directory's key would pass S3's 1024 bytes")
-        return k + self.sep
-
-    def _name(self, key: str) -> S3Name:
-        return S3Name(key, self.bucket)
-
-    @staticmethod
-    def _split(path: str) -> tuple[str, str]:
-        parent, name = posixpath.split(path)
-        return parent or "/", name
 
     # -- listing ----------------------------------------------------------------------------
 
@@ -324,7 +265,7 @@ class S3FS:
             if readdir:
                 self._maybe_walk(dkey, listing)
             elif dkey != self.prefix:
-                parent = self._dir_key_of(dkey[: -len(self.sep)])[0]
+                parent = self.dir_key_of(dkey[: -len(self.sep)])[0]
                 self._lookups_below[parent] = self._lookups_below.get(parent, 0) + 1
                 above = self.listings.get(parent)
                 if self._lookups_below[parent] >= 2 and above is not None:
@@ -360,12 +301,12 @@ class S3FS:
                     self.listings.put(dkey, entries, hidden)
                     self.stats["listing_walked"] += 1
                     if (
-                        self.metadata == "auto"
+                        self.resolver.mode == "auto"
                         and self.background is not None
                         and walk.presampled < PRESAMPLE_MAX
                     ):
                         walk.presampled += 1
-                        self.background.start_soon(self._presample, dkey, walk.root)
+                        self.background.start_soon(self.resolver.presample, dkey, walk.root)
 
         try:
             await self.deletes.flush(walk.root)
@@ -439,162 +380,6 @@ class S3FS:
             path, False, cf.size, self._cf_mtime(cf), cf.etag, cf.meta, mtime_ns=cf.mtime_ns
         )
 
-    # -- metadata ---------------------------------------------------------------------------
-
-    def _meta_key(self, path: str, is_dir: bool) -> str:
-        """The key that holds a path's metadata: the object, or a directory's marker."""
-        return self.dir_key(path) if is_dir else self.key(path)
-
-    async def _verify(self, dir_path: str, entries: list[Entry], missing_ok: bool = False) -> None:
-        """Give every entry its metadata: from the local cache, else as ``self.metadata`` says.
-
-        "head": HEADs in parallel for every entry the cache does not know.  "listing": no
-        HEAD; unknown entries get the mount's defaults.  "auto": a directory's first
-        unknown entries are sampled with HEADs (in parallel, one round trip); when none of
-        them carries POSIX metadata the directory is taken as plain (written by a tool that
-        stores none) and the rest get the defaults, else every unknown entry is HEADed.
-        A file found deleted meanwhile leaves the listing (and raises ResourceNotFound,
-        unless ``missing_ok``).
-        """
-        todo = self._unknown(dir_path, entries)
-        if not todo:
-            return
-        if self.metadata == "listing":
-            self._assume_plain(todo)
-            return
-        if self.metadata == "auto":
-            listing = self.listings.get(self.dir_key(dir_path))
-            if listing is not None and listing.plain is None:
-                parent = self.listings.get(self.dir_key(self._split(dir_path)[0]))
-                below_plain = dir_path != "/" and parent is not None and bool(parent.plain)
-                await self._sample(dir_path, listing, todo, 1 if below_plain else META_SAMPLE)
-                todo = [(k, e) for k, e in todo if e.meta is None]
-            if listing is not None and listing.plain:
-                self._assume_plain(todo)
-                return
-        await self._heads(dir_path, todo, missing_ok=missing_ok)
-
-    async def _sample(
-        self, dir_path: str, listing: DirListing, todo: list[tuple[str, Entry]], n: int
-    ) -> None:
-        """Decide ``listing.plain`` from HEADs of ``n`` unknown entries (those asked for
-        first, filled up with siblings); once, however many ask at the same time."""
-        dkey = self.dir_key(dir_path)
-        pending = self._sampling.get(dkey)
-        if pending is not None:
-            await pending.wait()
-            return
-        done = self._sampling[dkey] = trio.Event()
-        try:
-            sample = list(todo[:n])
-            if len(sample) < n:
-                ids = {id(e) for _, e in sample}
-                others = [e for e in listing.entries.values() if id(e) not in ids]
-                sample += self._unknown(dir_path, others)[: n - len(sample)]
-            await self._heads(dir_path, sample, missing_ok=True)
-            listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
-        finally:
-            del self._sampling[dkey]
-            done.set()
-
-    async def _presample(self, dkey: str, walk_root: str) -> None:
-        """Sample a walked directory before the program gets there (``find`` and ``ls -lR``
-        would otherwise wait for one HEAD per directory, one directory after another).
-        One HEAD when the walk's root is plain, as below any plain directory."""
-        async with self._presample_limiter:
-            listing = self.listings.get(dkey)
-            if listing is None or listing.plain is not None or dkey in self._sampling:
-                return
-            path = self._path_of_dir_key(dkey)
-            todo = self._unknown(path, list(listing.entries.values()))
-            if not todo:
-                return
-            pending = self._sampling.get(walk_root)
-            if pending is not None:  # the program's readdir that started the walk
-                await pending.wait()
-            root = self.listings.get(walk_root)
-            n = 1 if root is not None and root.plain else META_SAMPLE
-            try:
-                await self._sample(path, listing, todo, n)
-            except Exception as exc:  # the program's own lookups sample it then
-                log.debug("metadata sample of %s failed: %s", path, exc)
-
-    def _unknown(self, dir_path: str, entries: list[Entry]) -> list[tuple[str, Entry]]:
-        """The entries without metadata (taking what the cache knows), with their meta key."""
-        todo: list[tuple[str, Entry]] = []
-        for e in entries:
-            if e.meta is not None:
-                continue
-            mkey = self._meta_key(posixpath.join(dir_path, e.name), e.is_dir)
-            cached = (
-                self.meta_cache.get(mkey, None, None)
-                if e.is_dir
-                else self.meta_cache.get(mkey, e.etag, e.mtime)
-            )
-            if cached is not None:
-                e.meta = cached
-                self.stats["meta_hits"] += 1
-            else:
-                todo.append((mkey, e))
-        return todo
-
-    def _assume_plain(self, todo: list[tuple[str, Entry]]) -> None:
-        """Listing attributes and the mount's defaults, for this listing's lifetime (the
-        metadata cache is not told: a later listing may sample again)."""
-        self.stats["meta_assumed"] += len(todo)
-        for _, e in todo:
-            e.meta = ObjectMeta()
-
-    async def _heads(
-        self, dir_path: str, todo: list[tuple[str, Entry]], missing_ok: bool = False
-    ) -> None:
-        """HEADs in parallel for entries without metadata."""
-        self.stats["meta_misses"] += len(todo)
-
-        async def head(mkey: str, e: Entry) -> None:
-            try:
-                await self._head_entry(dir_path, mkey, e)
-            except ResourceNotFound:
-                if not missing_ok:
-                    raise
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for mkey, e in todo:
-                    nursery.start_soon(head, mkey, e)
-        except ExceptionGroup as group:
-            raise first_leaf(group) from None
-
-    async def _head_entry(self, dir_path: str, mkey: str, e: Entry) -> None:
-        """One HEAD (shared by concurrent askers); the answer also refreshes the entry."""
-        pending = self._head_inflight.get(mkey)
-        if pending is not None:
-            await pending.wait()  # the other asker's HEAD put its answer in the cache
-            e.meta = e.meta or self.meta_cache.get(mkey, None, None)
-            if e.meta is not None:
-                return
-        done = self._head_inflight[mkey] = trio.Event()
-        try:
-            try:
-                info = await self.run.read(self.storage.head, self._name(mkey))
-            except NotFound:
-                if not e.is_dir:
-                    # Deleted since it was listed.
-                    self.listings.remove_entry(self.dir_key(dir_path), e.name)
-                    raise ResourceNotFound(posixpath.join(dir_path, e.name)) from None
-                meta = ObjectMeta()  # an implicit directory: no marker, no metadata
-                self.meta_cache.put(mkey, None, None, meta)
-            else:
-                meta = ObjectMeta(info.metadata, info.content_type)
-                modified = info.last_modified.timestamp()
-                self.meta_cache.put(mkey, info.etag, modified, meta)
-                if not e.is_dir:
-                    e.size, e.etag, e.mtime = info.size, info.etag, modified
-            e.meta = meta
-        finally:
-            del self._head_inflight[mkey]
-            done.set()
-
     # -- queries ----------------------------------------------------------------------------
 
     async def getinfo(self, path: str, *, meta: bool = True) -> Info:
@@ -609,14 +394,14 @@ class S3FS:
         record = self.writeback.pending_for(key)
         if record is not None:
             return self._info(path, self._record_entry(posixpath.basename(path), record))
-        parent, name = self._split(path)
+        parent, name = self.split(path)
         # Neither open nor journaled, so the listing alone knows it (merging the directory's
         # local entries here would cost O(pending uploads) per lookup).
         entry = (await self._listing(parent)).entries.get(name)
         if entry is None:
             raise ResourceNotFound(path)
         if meta:
-            await self._verify(parent, [entry])
+            await self.resolver.verify(parent, [entry])
         return self._info(path, entry)
 
     async def exists(self, path: str) -> bool:
@@ -646,7 +431,7 @@ class S3FS:
             raise NotADirectory(path)
         entries = await self._entries(path, readdir=True)
         if meta:
-            await self._verify(path, list(entries.values()), missing_ok=True)
+            await self.resolver.verify(path, list(entries.values()), missing_ok=True)
             entries = {n: e for n, e in entries.items() if e.meta is not None}
         return [self._info(posixpath.join(path, n), e) for n, e in sorted(entries.items())]
 
@@ -706,7 +491,7 @@ class S3FS:
             if info.is_dir and (allow_recreate or path == "/"):
                 return info
             raise ResourceExists(path)
-        parent, name = self._split(path)
+        parent, name = self.split(path)
         try:
             pinfo = await self.getinfo(parent)
         except ResourceNotFound:
@@ -734,7 +519,7 @@ class S3FS:
         await self.run(
             self.storage.write_stream,
             io.BytesIO(b""),
-            self._name(dkey),
+            self.s3name(dkey),
             WriteOptions(content_type=DIR_CONTENT_TYPE, metadata=headers),
         )
         self.meta_cache.put(dkey, None, None, meta)
@@ -766,8 +551,8 @@ class S3FS:
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
             await self.deletes.flush(dkey)  # a marker goes after what was below it
-            await self.run(self.storage.delete, self._name(dkey))
-        parent, name = self._split(path)
+            await self.run(self.storage.delete, self.s3name(dkey))
+        parent, name = self.split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.listings.invalidate_tree(dkey)
         self.meta_cache.delete_tree(dkey)
@@ -793,20 +578,20 @@ class S3FS:
                 await self.writeback.settle(key)
             await self.deletes.add(key)
         self.files.forget(key)
-        parent, name = self._split(path)
+        parent, name = self.split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.meta_cache.delete(key)
 
     async def _delete_keys(self, keys: list[str]) -> None:
         if len(keys) == 1:
-            await self.run(self.storage.delete, self._name(keys[0]))
+            await self.run(self.storage.delete, self.s3name(keys[0]))
         else:
             await self.run(self.storage.delete_many, keys, self.bucket)
 
     def _deletes_failed(self, keys: list[str]) -> None:
         """Deletes S3 refused: the objects stay, so their directories must show them again."""
         for key in keys:
-            self.listings.invalidate(self._dir_key_of(key)[0])
+            self.listings.invalidate(self.dir_key_of(key)[0])
             self.meta_cache.delete(key)
 
     async def _detach_open_file(self, cf: CachedFile) -> bool:
@@ -882,7 +667,7 @@ class S3FS:
             except ResourceNotFound:
                 if not create:
                     raise
-                parent, _name = self._split(path)
+                parent, _name = self.split(path)
                 if not (await self.getinfo(parent)).is_dir:
                     raise NotADirectory(parent) from None
                 cf = self.files.new(key, 0, None, self._fetcher(key))
@@ -914,7 +699,7 @@ class S3FS:
         return OpenFile(self, cf, path, writable=write, keep_cache=keep)
 
     def _fetcher(self, key: str):  # noqa: ANN202
-        name = self._name(key)
+        name = self.s3name(key)
 
         async def fetch(start: int, length: int, etag: str | None) -> bytes:
             try:
@@ -976,7 +761,9 @@ class S3FS:
             return
         options = WriteOptions(content_type=record.content_type or None, metadata=record.headers)
         await self.deletes.settle(key)
-        info: ObjectInfo = await self.run(self.storage.write, record.data, self._name(key), options)
+        info: ObjectInfo = await self.run(
+            self.storage.write, record.data, self.s3name(key), options
+        )
         if record.key != key:
             return  # unlinked meanwhile: the caller deletes the object
         meta = ObjectMeta(record.headers, info.content_type)
@@ -989,14 +776,14 @@ class S3FS:
             cf.etag = info.etag
         newest = self.writeback.pending_for(key)
         if newest is None or newest.id == record.id:
-            dkey, name = self._dir_key_of(key)
+            dkey, name = self.dir_key_of(key)
             mtime = (meta.mtime_ns or time.time_ns()) / 1e9
             self.listings.set_entry(dkey, Entry(name, False, record.size, mtime, info.etag, meta))
         await self.confirm_key(key, info.etag)
 
     async def _changed_remotely(self, key: str, base_etag: str) -> bool:
         """Whether another client replaced the object since our change was based on it."""
-        found, info = await self.run.read(self.storage.exists, self._name(key))
+        found, info = await self.run.read(self.storage.exists, self.s3name(key))
         return found and info is not None and info.etag != base_etag
 
     def _keep_conflict(self, key: str, data_path: str) -> None:
@@ -1051,7 +838,7 @@ class S3FS:
             if streamed is not None:
                 info, meta = streamed
             else:
-                info = await self.run(self.storage.write, cf.path, self._name(key), options)
+                info = await self.run(self.storage.write, cf.path, self.s3name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
             raise UploadFailed(str(exc)) from exc
@@ -1083,7 +870,7 @@ class S3FS:
             )  # fmt: skip
 
     def _uploader(self, cf: CachedFile) -> Uploader:
-        name, path = self._name(cf.key), cf.path
+        name, path = self.s3name(cf.key), cf.path
 
         async def start() -> tuple[str, ObjectMeta]:
             meta = self._headers_for_upload(cf)
@@ -1134,17 +921,9 @@ class S3FS:
         return info, began
 
     def _update_listing(self, key: str, cf: CachedFile) -> None:
-        dkey, name = self._dir_key_of(key)
+        dkey, name = self.dir_key_of(key)
         entry = Entry(name, False, cf.size, self._cf_mtime(cf), cf.etag, cf.meta)
         self.listings.set_entry(dkey, entry)
-
-    def _path_of_dir_key(self, dkey: str) -> str:
-        rel = dkey[len(self.prefix) :]
-        return "/" + "/".join(rel[: -len(self.sep)].split(self.sep)) if rel else "/"
-
-    def _dir_key_of(self, key: str) -> tuple[str, str]:
-        head, _, name = key[len(self.prefix) :].rpartition(self.sep)
-        return (self.prefix + head + self.sep if head else self.prefix), name
 
     async def release_file(self, cf: CachedFile, handle_writable: bool) -> None:
         """A handle closed: upload if dirty; the last close frees the local copy."""
@@ -1254,7 +1033,7 @@ class S3FS:
         delay = 0.05
         while True:
             try:
-                found, info = await self.run.read(self.storage.exists, self._name(key))
+                found, info = await self.run.read(self.storage.exists, self.s3name(key))
             except StorageError as exc:
                 log.warning("key-sync check of %s failed: %s", key, exc)
                 return False
@@ -1348,7 +1127,7 @@ class S3FS:
         info, headers = await self._changed_headers(path, change)
         if _same_meta(headers, info.meta.headers):
             return info  # e.g. tar's lchown to the owner the link already has: no request
-        parent, name = self._split(path)
+        parent, name = self.split(path)
         if info.is_dir:
             meta = await self._put_marker(self.dir_key(path), headers)
             entry = Entry(name, True, mtime=time.time(), meta=meta)
@@ -1374,7 +1153,7 @@ class S3FS:
     async def _replace_object_meta(self, key: str, size: int, meta: ObjectMeta) -> ObjectInfo:
         """Copy an object onto itself with new metadata; the data is not uploaded again."""
         options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
-        name = self._name(key)
+        name = self.s3name(key)
         result: ObjectInfo = await self.run(self.storage.copy, name, name, options, size=size)
         self.meta_cache.put(key, result.etag, result.last_modified.timestamp(), meta)
         return result
@@ -1389,7 +1168,7 @@ class S3FS:
         path = self.norm(path)
         if await self.exists(path):
             raise ResourceExists(path)
-        parent, name = self._split(path)
+        parent, name = self.split(path)
         if not (await self.getinfo(parent, meta=False)).is_dir:
             raise NotADirectory(parent)
         key = self.key(path)
@@ -1408,7 +1187,7 @@ class S3FS:
             info: ObjectInfo = await self.run(
                 self.storage.write_stream,
                 io.BytesIO(body),
-                self._name(key),
+                self.s3name(key),
                 WriteOptions(content_type=ctype, metadata=headers),
             )
             meta = ObjectMeta(headers, ctype)
@@ -1443,7 +1222,7 @@ class S3FS:
         if known is not None and known[0] == info.etag:
             return known[1]
         data = await self.run.read(
-            self.storage.read_range, self._name(key), 0, max(info.size, 1), info.etag
+            self.storage.read_range, self.s3name(key), 0, max(info.size, 1), info.etag
         )
         target = os.fsdecode(data)
         self._link_targets[key] = (info.etag, target)
@@ -1479,7 +1258,7 @@ class S3FS:
         info = await self.getinfo(path, meta=False)
         try:
             return await self.run(
-                self.storage.head, self._name(self._meta_key(self.norm(path), info.is_dir))
+                self.storage.head, self.s3name(self.meta_key(self.norm(path), info.is_dir))
             )
         except NotFound:
             raise NoAttribute(f"{path}: no object behind it (an implicit directory)") from None
@@ -1503,7 +1282,7 @@ class S3FS:
             dinfo: Info | None = await self.getinfo(dst)
         except ResourceNotFound:
             dinfo = None
-            dparent = self._split(dst)[0]
+            dparent = self.split(dst)[0]
             if not (await self.getinfo(dparent)).is_dir:
                 raise NotADirectory(dparent) from None
         if dinfo is not None:
@@ -1553,7 +1332,7 @@ class S3FS:
             else:
                 await self.deletes.settle(dkey)
                 result = await self.run(
-                    self.storage.copy, self._name(skey), self._name(dkey), size=sinfo.size
+                    self.storage.copy, self.s3name(skey), self.s3name(dkey), size=sinfo.size
                 )
                 self.meta_cache.put(dkey, result.etag, result.last_modified.timestamp(), sinfo.meta)
                 if cf is not None:
@@ -1565,8 +1344,8 @@ class S3FS:
         self.files.forget(skey)
         self.files.forget(dkey)
         link = self._link_targets.pop(skey, None)
-        sp, sn = self._split(src)
-        dp, dn = self._split(dst)
+        sp, sn = self.split(src)
+        dp, dn = self.split(dst)
         self.listings.remove_entry(self.dir_key(sp), sn)
         if cf is not None:
             self._update_listing(dkey, cf)
@@ -1583,8 +1362,8 @@ class S3FS:
                     await stack.enter_async_context(cf.upload_lock)
                     await self._upload_locked(cf)
             await self._move_tree(sdk, ddk)
-        sp, sn = self._split(src)
-        dp, dn = self._split(dst)
+        sp, sn = self.split(src)
+        dp, dn = self.split(dst)
         self.listings.remove_entry(self.dir_key(sp), sn)
         self.listings.set_entry(self.dir_key(dp), Entry(dn, True, mtime=time.time()))
         self.listings.invalidate_tree(sdk)
@@ -1603,8 +1382,8 @@ class S3FS:
                 raise NameTooLong(f"{ddk + k[len(sdk) :]}: key longer than S3's 1024 bytes")
 
         async def copy_one(o: S3Key) -> None:
-            dst = self._name(ddk + o.key[len(sdk) :])
-            await self.run(self.storage.copy, self._name(o.key), dst, size=o.size)
+            dst = self.s3name(ddk + o.key[len(sdk) :])
+            await self.run(self.storage.copy, self.s3name(o.key), dst, size=o.size)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -1652,9 +1431,9 @@ class S3FS:
         await self.writeback.settle(self.key(src))
         await self.deletes.settle(self.key(dst))
         info = await self.run(
-            self.storage.copy, self._name(self.key(src)), self._name(self.key(dst))
+            self.storage.copy, self.s3name(self.key(src)), self.s3name(self.key(dst))
         )
-        dp, dn = self._split(dst)
+        dp, dn = self.split(dst)
         self.listings.set_entry(
             self.dir_key(dp),
             Entry(dn, False, info.size, info.last_modified.timestamp(), info.etag),
@@ -1663,12 +1442,12 @@ class S3FS:
     # -- URLs and metadata ------------------------------------------------------------------
 
     async def getpathurl(self, path: str, allow_none: bool = False, expires: int = 3600) -> str:
-        return await self.run(self.storage.presigned_url, self._name(self.key(path)), expires)
+        return await self.run(self.storage.presigned_url, self.s3name(self.key(path)), expires)
 
     async def makepublic(self, path: str) -> None:
         self._check_writable()
         try:
-            await self.run(self.storage.make_public, self._name(self.key(path)))
+            await self.run(self.storage.make_public, self.s3name(self.key(path)))
         except NotFound:
             raise ResourceNotFound(path) from None
 
@@ -1687,7 +1466,7 @@ class S3FS:
         key, dkey = self.key(path), self.dir_key(path)
         self.listings.invalidate_tree(dkey)
         if path != "/":
-            self.listings.invalidate(self.dir_key(self._split(path)[0]))
+            self.listings.invalidate(self.dir_key(self.split(path)[0]))
             self.meta_cache.delete(key)
         self.meta_cache.delete_tree(dkey)
         for k in [k for k in self._kernel_etags if k == key or k.startswith(dkey)]:

@@ -1,0 +1,209 @@
+"""POSIX metadata for listed entries: from the local metadata cache, else from S3.
+
+A LIST gives names, sizes, mtimes and ETags, not the mode, owner and times s3mount keeps in
+user metadata.  How entries the cache does not know get theirs is the mount's ``metadata``
+mode: "head" (a HEAD each), "listing" (none: the defaults) or "auto" (a few sample HEADs per
+directory decide whether its objects carry metadata at all; see docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections import Counter
+
+import trio
+
+from s3mount.core.errors import ResourceNotFound, first_leaf
+from s3mount.core.keys import KeySpace
+from s3mount.core.listing import DirListing, Entry, ListingCache
+from s3mount.core.metadata import METADATA_MODES, MetaCache, ObjectMeta
+from s3mount.core.runner import ThreadRunner
+from s3mount.storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
+
+META_SAMPLE = 4  # HEADs that decide whether a directory's objects carry metadata ("auto")
+PRESAMPLE_DIRS = 4  # walked directories sampled at once, ahead of the program
+
+
+class MetadataResolver:
+    """Gives listed entries their metadata (``Entry.meta``), with one HEAD per key in flight
+    and one sample per directory in flight, however many callers ask at once."""
+
+    def __init__(
+        self,
+        keys: KeySpace,
+        storage: Storage,
+        run: ThreadRunner,
+        listings: ListingCache,
+        cache: MetaCache,
+        stats: Counter[str],
+        mode: str = "auto",
+    ):
+        if mode not in METADATA_MODES:
+            raise ValueError(f"metadata must be one of {', '.join(METADATA_MODES)}")
+        self.keys = keys
+        self.storage = storage
+        self.run = run
+        self.listings = listings
+        self.cache = cache
+        self.stats = stats
+        self.mode = mode
+        self._head_inflight: dict[str, trio.Event] = {}
+        self._sampling: dict[str, trio.Event] = {}  # dir keys whose sample HEADs are in flight
+        # Walked directories are sampled in the background, a few at a time, so that the
+        # foreground keeps most worker threads.
+        self._presample_limiter = trio.CapacityLimiter(PRESAMPLE_DIRS)
+
+    async def verify(self, dir_path: str, entries: list[Entry], missing_ok: bool = False) -> None:
+        """Give every entry its metadata: from the local cache, else as ``self.mode`` says.
+
+        "head": HEADs in parallel for every entry the cache does not know.  "listing": no
+        HEAD; unknown entries get the mount's defaults.  "auto": a directory's first
+        unknown entries are sampled with HEADs (in parallel, one round trip); when none of
+        them carries POSIX metadata the directory is taken as plain (written by a tool that
+        stores none) and the rest get the defaults, else every unknown entry is HEADed.
+        A file found deleted meanwhile leaves the listing (and raises ResourceNotFound,
+        unless ``missing_ok``).
+        """
+        todo = self._unknown(dir_path, entries)
+        if not todo:
+            return
+        if self.mode == "listing":
+            self._assume_plain(todo)
+            return
+        if self.mode == "auto":
+            listing = self.listings.get(self.keys.dir_key(dir_path))
+            if listing is not None and listing.plain is None:
+                parent = self.listings.get(self.keys.dir_key(self.keys.split(dir_path)[0]))
+                below_plain = dir_path != "/" and parent is not None and bool(parent.plain)
+                await self._sample(dir_path, listing, todo, 1 if below_plain else META_SAMPLE)
+                todo = [(k, e) for k, e in todo if e.meta is None]
+            if listing is not None and listing.plain:
+                self._assume_plain(todo)
+                return
+        await self._heads(dir_path, todo, missing_ok=missing_ok)
+
+    async def _sample(
+        self, dir_path: str, listing: DirListing, todo: list[tuple[str, Entry]], n: int
+    ) -> None:
+        """Decide ``listing.plain`` from HEADs of ``n`` unknown entries (those asked for
+        first, filled up with siblings); once, however many ask at the same time."""
+        dkey = self.keys.dir_key(dir_path)
+        pending = self._sampling.get(dkey)
+        if pending is not None:
+            await pending.wait()
+            return
+        done = self._sampling[dkey] = trio.Event()
+        try:
+            sample = list(todo[:n])
+            if len(sample) < n:
+                ids = {id(e) for _, e in sample}
+                others = [e for e in listing.entries.values() if id(e) not in ids]
+                sample += self._unknown(dir_path, others)[: n - len(sample)]
+            await self._heads(dir_path, sample, missing_ok=True)
+            listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
+        finally:
+            del self._sampling[dkey]
+            done.set()
+
+    async def presample(self, dkey: str, walk_root: str) -> None:
+        """Sample a walked directory before the program gets there (``find`` and ``ls -lR``
+        would otherwise wait for one HEAD per directory, one directory after another).
+        One HEAD when the walk's root is plain, as below any plain directory."""
+        if self.mode != "auto":
+            return
+        async with self._presample_limiter:
+            listing = self.listings.get(dkey)
+            if listing is None or listing.plain is not None or dkey in self._sampling:
+                return
+            path = self.keys.path_of_dir_key(dkey)
+            todo = self._unknown(path, list(listing.entries.values()))
+            if not todo:
+                return
+            pending = self._sampling.get(walk_root)
+            if pending is not None:  # the program's readdir that started the walk
+                await pending.wait()
+            root = self.listings.get(walk_root)
+            n = 1 if root is not None and root.plain else META_SAMPLE
+            try:
+                await self._sample(path, listing, todo, n)
+            except Exception as exc:  # the program's own lookups sample it then
+                log.debug("metadata sample of %s failed: %s", path, exc)
+
+    def _unknown(self, dir_path: str, entries: list[Entry]) -> list[tuple[str, Entry]]:
+        """The entries without metadata (taking what the cache knows), with their meta key."""
+        todo: list[tuple[str, Entry]] = []
+        for e in entries:
+            if e.meta is not None:
+                continue
+            mkey = self.keys.meta_key(posixpath.join(dir_path, e.name), e.is_dir)
+            cached = (
+                self.cache.get(mkey, None, None)
+                if e.is_dir
+                else self.cache.get(mkey, e.etag, e.mtime)
+            )
+            if cached is not None:
+                e.meta = cached
+                self.stats["meta_hits"] += 1
+            else:
+                todo.append((mkey, e))
+        return todo
+
+    def _assume_plain(self, todo: list[tuple[str, Entry]]) -> None:
+        """Listing attributes and the mount's defaults, for this listing's lifetime (the
+        metadata cache is not told: a later listing may sample again)."""
+        self.stats["meta_assumed"] += len(todo)
+        for _, e in todo:
+            e.meta = ObjectMeta()
+
+    async def _heads(
+        self, dir_path: str, todo: list[tuple[str, Entry]], missing_ok: bool = False
+    ) -> None:
+        """HEADs in parallel for entries without metadata."""
+        self.stats["meta_misses"] += len(todo)
+
+        async def head(mkey: str, e: Entry) -> None:
+            try:
+                await self._head_entry(dir_path, mkey, e)
+            except ResourceNotFound:
+                if not missing_ok:
+                    raise
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for mkey, e in todo:
+                    nursery.start_soon(head, mkey, e)
+        except ExceptionGroup as group:
+            raise first_leaf(group) from None
+
+    async def _head_entry(self, dir_path: str, mkey: str, e: Entry) -> None:
+        """One HEAD (shared by concurrent askers); the answer also refreshes the entry."""
+        pending = self._head_inflight.get(mkey)
+        if pending is not None:
+            await pending.wait()  # the other asker's HEAD put its answer in the cache
+            e.meta = e.meta or self.cache.get(mkey, None, None)
+            if e.meta is not None:
+                return
+        done = self._head_inflight[mkey] = trio.Event()
+        try:
+            try:
+                info = await self.run.read(self.storage.head, self.keys.s3name(mkey))
+            except NotFound:
+                if not e.is_dir:
+                    # Deleted since it was listed.
+                    self.listings.remove_entry(self.keys.dir_key(dir_path), e.name)
+                    raise ResourceNotFound(posixpath.join(dir_path, e.name)) from None
+                meta = ObjectMeta()  # an implicit directory: no marker, no metadata
+                self.cache.put(mkey, None, None, meta)
+            else:
+                meta = ObjectMeta(info.metadata, info.content_type)
+                modified = info.last_modified.timestamp()
+                self.cache.put(mkey, info.etag, modified, meta)
+                if not e.is_dir:
+                    e.size, e.etag, e.mtime = info.size, info.etag, modified
+            e.meta = meta
+        finally:
+            del self._head_inflight[mkey]
+            done.set()
