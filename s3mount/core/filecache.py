@@ -132,17 +132,23 @@ class CachedFile:
         if length <= 0:
             return
         etag = self.etag
-        data = await self._fetch(start, length, etag)
-        # Store what arrived, except blocks written (or truncated away) meanwhile.
-        for i in range(count):
-            b = first + i
-            if b in self.present or self.closed:
-                continue
-            lo = i * BLOCK
-            hi = min(lo + BLOCK, len(data), self.fetch_limit - start)
+        data = memoryview(await self._fetch(start, length, etag))
+        if self.closed:
+            return
+        # Store what arrived, except blocks written (or truncated away) meanwhile: one
+        # pwrite per run of wanted blocks (slices of a memoryview copy nothing).
+        end = min(len(data), self.fetch_limit - start)
+        wanted = [i for i in range(count) if first + i not in self.present]
+        i = 0
+        while i < len(wanted):
+            j = i
+            while j + 1 < len(wanted) and wanted[j + 1] == wanted[j] + 1:
+                j += 1
+            lo, hi = wanted[i] * BLOCK, min((wanted[j] + 1) * BLOCK, end)
             if hi > lo:
                 os.pwrite(self.fd, data[lo:hi], start + lo)
-            self.present.add(b)
+            i = j + 1
+        self.present.update(first + i for i in wanted)
 
     async def read(
         self,
