@@ -1,4 +1,4 @@
-"""CachedFile on its own: which ranges a read asks S3 for (a recording fetcher, no S3)."""
+"""CachedFile and FileCache on their own: ranges asked of S3 (a recording fetcher, no S3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from s3mount.core.filecache import CachedFile, MiB
+from s3mount.core.filecache import CachedFile, FileCache, MiB
 
 
 def test_readahead_without_background_fetches_each_block_once(tmp_path: Path) -> None:
@@ -33,3 +33,43 @@ def test_readahead_without_background_fetches_each_block_once(tmp_path: Path) ->
     fetched = [b for first, n in asked for b in range(first, first + n)]
     assert len(fetched) == len(set(fetched)), asked
     assert asked[0] == (0, 1)
+
+
+def test_closed_files_are_kept_by_etag_within_the_byte_budget(tmp_path: Path) -> None:
+    objects = {k: os.urandom(2 * MiB) for k in ("a", "b", "c")}
+    asked: list[str] = []
+
+    def fetcher(key: str):  # noqa: ANN202
+        async def fetch(start: int, length: int, etag: str | None) -> bytes:
+            asked.append(key)
+            return objects[key][start : start + length]
+
+        return fetch
+
+    stale = tmp_path / "open" / "kept-from-a-dead-daemon"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x")
+    files = FileCache(str(tmp_path / "open"), keep_bytes=5 * MiB)
+    assert not stale.exists()  # removed at start: never taken for unsaved data
+
+    async def read_and_close(key: str, etag: str) -> bytes:
+        cf = files.reopen(key, 2 * MiB, etag) or files.new(key, 2 * MiB, etag, fetcher(key))
+        data = await cf.read(0, 2 * MiB)
+        assert files.keep(cf)
+        return data
+
+    async def main() -> None:
+        for key in ("a", "b"):
+            assert await read_and_close(key, "e1") == objects[key]
+        assert await read_and_close("a", "e1") == objects["a"]  # kept: no fetch
+        assert asked == ["a", "b"]
+        assert await read_and_close("c", "e1") == objects["c"]  # 6 MiB > 5: "b" goes first
+        assert sorted(files.kept) == ["a", "c"] and files.kept_bytes <= 5 * MiB
+        assert await read_and_close("a", "e2") == objects["a"]  # a new version: fetched
+        assert asked == ["a", "b", "c", "a"]
+        names = sorted(os.listdir(tmp_path / "open"))
+        assert len(names) == 2 and all(n.startswith("kept-") for n in names)
+        files.forget_all()
+        assert os.listdir(tmp_path / "open") == [] and files.kept_bytes == 0
+
+    trio.run(main)

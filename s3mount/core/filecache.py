@@ -369,9 +369,8 @@ class FileCache:
         if used > self.keep_bytes:
             return False
         self.forget(cf.key)
-        path = os.path.join(self.directory, KEPT_PREFIX + os.path.basename(cf.path))
-        os.rename(cf.path, path)  # not unsaved data, whatever happens next
-        cf.path = path
+        if not self._rename(cf, OPEN_PREFIX, KEPT_PREFIX):  # not unsaved data, after a crash
+            return False
         self.kept[cf.key] = (cf, used)
         self.kept_bytes += used
         while self.kept_bytes > self.keep_bytes:
@@ -389,11 +388,22 @@ class FileCache:
             self.stats["kept_misses"] += 1  # another version now
             cf.close()
             return None
-        path = os.path.join(self.directory, OPEN_PREFIX + cf.path.rpartition(KEPT_PREFIX)[2])
-        os.rename(cf.path, path)
-        cf.path = path
+        if not self._rename(cf, KEPT_PREFIX, OPEN_PREFIX):
+            cf.close()
+            return None
         self.stats["kept_hits"] += 1
         return cf
+
+    def _rename(self, cf: CachedFile, old: str, new: str) -> bool:
+        name = os.path.basename(cf.path).removeprefix(old)
+        path = os.path.join(self.directory, new + name)
+        try:
+            os.rename(cf.path, path)
+        except OSError as exc:
+            log.warning("cannot rename %s in the cache: %s", cf.path, exc.strerror)
+            return False
+        cf.path = path
+        return True
 
     def forget(self, key: str) -> None:
         """Drop the kept data of ``key`` (its object changed or went away)."""
