@@ -126,9 +126,9 @@ _CREDENTIAL_CODES = {
 
 
 def _classify(exc: Exception, what: str) -> StorageError:
+    """Turn any boto/botocore/OS exception into a StorageError with a one-line message."""
     import botocore.exceptions as bexc
 
-    """Turn any boto/botocore/OS exception into a StorageError with a one-line message."""
     if isinstance(exc, StorageError):
         return exc
     if isinstance(exc, bexc.ClientError):

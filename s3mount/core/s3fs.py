@@ -139,7 +139,7 @@ class Info:
         )
 
 
-PRESAMPLE_MAX = 1000  # and at most this many per walk (a walk may list 50,000 directories)
+PRESAMPLE_MAX = 1000  # directories a walk samples in the background (it may list 50,000)
 KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
 
@@ -196,7 +196,8 @@ class S3FS(KeySpace):
         os.chmod(cache_dir, 0o700)  # temp files, unsaved data and metadata are private
         # keep_bytes: disk space for closed files' clean data, so re-opening costs no GET.
         self.files = FileCache(os.path.join(cache_dir, "open"), keep_bytes)
-        # Cache hits and misses, for status and metrics: listing_*, meta_*, block_* (data).
+        # Cache hits and misses, for status and metrics: listing_*, meta_*, block_* (data),
+        # kept_* (closed files' data reopened).
         self.stats = self.files.stats
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
