@@ -929,3 +929,34 @@ async def test_temp_files_are_private_and_removed_on_close(make_fs, storage, buc
     assert stat.S_IMODE(os.stat(opened / name).st_mode) == 0o600
     await r.close()
     assert os.listdir(opened) == []
+
+
+@trio_test
+async def test_opens_racing_on_one_key_share_its_local_file(
+    make_fs: Callable[..., S3FS], storage: Storage, bucket: str
+) -> None:
+    # Both opens wait for the directory's first LIST; the second must not replace the first's
+    # local file, or the writes through one handle would be invisible to the other.
+    put(storage, bucket, "d/f", b"old")
+    put(storage, bucket, "d/g", b"old")
+    fs = make_fs()
+    handles: dict[str, list] = {"f": [], "g": []}
+
+    async def open_one(name: str, mode: str) -> None:
+        handles[name].append(await fs.open(f"/d/{name}", mode))
+
+    async with trio.open_nursery() as nursery:
+        for name in ("f", "g"):
+            nursery.start_soon(open_one, name, "r+b")
+            nursery.start_soon(open_one, name, "r+b")
+    try:
+        for a, b in handles.values():
+            assert a.cf is b.cf
+            await a.write(b"new")
+            assert await b.pread(0, 3) == b"new"
+    finally:
+        for hs in handles.values():
+            for h in hs:
+                await h.close()
+    await fs.close()
+    assert get(storage, bucket, "d/f") == get(storage, bucket, "d/g") == b"new"

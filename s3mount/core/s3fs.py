@@ -663,6 +663,7 @@ class S3FS(KeySpace):
             cf.mtime_ns = cf.meta.mtime_ns
             self.files.files[key] = cf
         if cf is None:
+            info: Info | None = None
             try:
                 info = await self.getinfo(path)
             except ResourceNotFound:
@@ -671,13 +672,6 @@ class S3FS(KeySpace):
                 parent, _name = self.split(path)
                 if not (await self.getinfo(parent)).is_dir:
                     raise NotADirectory(parent) from None
-                cf = self.files.new(key, 0, None, self._fetcher(key))
-                cf.mtime_ns = time.time_ns()
-                cf.meta = ObjectMeta(
-                    with_posix({}, mode=stat.S_IFREG | stat.S_IMODE(mode), uid=uid, gid=gid)
-                )
-                cf.dirty = True  # a new file is uploaded on close, even when empty
-                self._track(cf)
             else:
                 if info.is_dir:
                     raise IsADirectory(path)
@@ -685,12 +679,12 @@ class S3FS(KeySpace):
                     raise ResourceExists(path)
                 if info.is_symlink:
                     raise InvalidPath(f"{path}: a symbolic link")
-                cf = self.files.reopen(key, info.size, info.etag) or self.files.new(
-                    key, info.size, info.etag, self._fetcher(key)
-                )
-                cf.mtime_ns = info.mtime_ns
-                cf.meta = info.meta
-            self.files.files[key] = cf
+            cf = self.files.files.get(key)  # another open of the key, done during the awaits
+            if cf is not None and exclusive:
+                raise ResourceExists(path)
+            if cf is None:
+                cf = self._new_local_file(key, info, mode, uid, gid)
+                self.files.files[key] = cf
         if truncate and cf.size:
             await cf.truncate(0)
             cf.mtime_ns = time.time_ns()
@@ -698,6 +692,26 @@ class S3FS(KeySpace):
         cf.open_count += 1
         keep = cf.etag is not None and self._kernel_etags.get(key) == cf.etag
         return OpenFile(self, cf, path, writable=write, keep_cache=keep)
+
+    def _new_local_file(
+        self, key: str, info: Info | None, mode: int, uid: int | None, gid: int | None
+    ) -> CachedFile:
+        """The local state of an object being opened (``info``: None when it is created)."""
+        if info is None:
+            cf = self.files.new(key, 0, None, self._fetcher(key))
+            cf.mtime_ns = time.time_ns()
+            cf.meta = ObjectMeta(
+                with_posix({}, mode=stat.S_IFREG | stat.S_IMODE(mode), uid=uid, gid=gid)
+            )
+            cf.dirty = True  # a new file is uploaded on close, even when empty
+            self._track(cf)
+            return cf
+        cf = self.files.reopen(key, info.size, info.etag) or self.files.new(
+            key, info.size, info.etag, self._fetcher(key)
+        )
+        cf.mtime_ns = info.mtime_ns
+        cf.meta = info.meta
+        return cf
 
     def _fetcher(self, key: str):  # noqa: ANN202
         name = self.s3name(key)
