@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK = 1 * MiB
-MAX_READAHEAD = 128 * MiB  # up to 8 GETs of FETCH_PART in flight for one sequential reader
+MAX_READAHEAD = 64 * MiB
 FETCH_PART = 16 * MiB
 # Random reads (counted at jumps backward) that fetched 1/WHOLE_FILE_RATIO of a file start a
 # background fetch of all of it, FETCH_AHEAD at a time: it then costs a bounded multiple of
