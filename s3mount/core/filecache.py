@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -109,15 +109,9 @@ class CachedFile:
         return events
 
     async def _fetch_claimed(self, events: dict[int, trio.Event]) -> None:
-        runs: list[tuple[int, int]] = []  # (first block, count), each at most FETCH_PART long
-        for b in events:
-            if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] * BLOCK < FETCH_PART:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((b, 1))
         try:
             async with trio.open_nursery() as nursery:
-                for first, count in runs:
+                for first, count in _runs(events, FETCH_PART // BLOCK):
                     nursery.start_soon(self._fetch_run, first, count)
         except ExceptionGroup as group:
             raise first_leaf(group) from None
@@ -138,17 +132,12 @@ class CachedFile:
         # Store what arrived, except blocks written (or truncated away) meanwhile: one
         # pwrite per run of wanted blocks (slices of a memoryview copy nothing).
         end = min(len(data), self.fetch_limit - start)
-        wanted = [i for i in range(count) if first + i not in self.present]
-        i = 0
-        while i < len(wanted):
-            j = i
-            while j + 1 < len(wanted) and wanted[j + 1] == wanted[j] + 1:
-                j += 1
-            lo, hi = wanted[i] * BLOCK, min((wanted[j] + 1) * BLOCK, end)
+        wanted = [b for b in range(first, first + count) if b not in self.present]
+        for b, n in _runs(wanted):
+            lo, hi = (b - first) * BLOCK, min((b - first + n) * BLOCK, end)
             if hi > lo:
                 os.pwrite(self.fd, data[lo:hi], start + lo)
-            i = j + 1
-        self.present.update(first + i for i in wanted)
+        self.present.update(wanted)
 
     async def read(
         self,
@@ -300,6 +289,18 @@ class CachedFile:
             os.unlink(self.path)
 
 
+def _runs(blocks: Iterable[int], longest: int | None = None) -> list[tuple[int, int]]:
+    """Ascending block numbers as (first, count) runs of consecutive ones, each at most
+    ``longest`` blocks."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and sum(runs[-1]) == b and (longest is None or runs[-1][1] < longest):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
 OPEN_PREFIX = "open-"  # a temp file that may hold unsaved data (recovered after a crash)
 KEPT_PREFIX = "kept-"  # a closed file's clean blocks, removed at start
 
@@ -379,11 +380,9 @@ class FileCache:
 
     def reopen(self, key: str, size: int, etag: str | None) -> CachedFile | None:
         """The kept file of ``key`` if it holds version ``etag`` (else it is dropped)."""
-        entry = self.kept.pop(key, None)
-        if entry is None:
+        cf = self._take(key)
+        if cf is None:
             return None
-        cf, used = entry
-        self.kept_bytes -= used
         if etag is None or cf.etag != etag or cf.size != size:
             self.stats["kept_misses"] += 1  # another version now
             cf.close()
@@ -405,12 +404,18 @@ class FileCache:
         cf.path = path
         return True
 
+    def _take(self, key: str) -> CachedFile | None:
+        entry = self.kept.pop(key, None)
+        if entry is None:
+            return None
+        self.kept_bytes -= entry[1]
+        return entry[0]
+
     def forget(self, key: str) -> None:
         """Drop the kept data of ``key`` (its object changed or went away)."""
-        entry = self.kept.pop(key, None)
-        if entry is not None:
-            self.kept_bytes -= entry[1]
-            entry[0].close()
+        cf = self._take(key)
+        if cf is not None:
+            cf.close()
 
     def forget_all(self) -> None:
         for key in list(self.kept):

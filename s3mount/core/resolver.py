@@ -111,9 +111,8 @@ class MetadataResolver:
     async def presample(self, dkey: str, walk_root: str) -> None:
         """Sample a walked directory before the program gets there (``find`` and ``ls -lR``
         would otherwise wait for one HEAD per directory, one directory after another).
-        One HEAD when the walk's root is plain, as below any plain directory."""
-        if self.mode != "auto":
-            return
+        One HEAD when the walk's root is plain, as below any plain directory.  Only for
+        the "auto" mode (the walk checks it before starting this)."""
         async with self._presample_limiter:
             listing = self.listings.get(dkey)
             if listing is None or listing.plain is not None or dkey in self._sampling:
