@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
+import pytest
 import trio
 
+from s3mount.core import filecache
 from s3mount.core.filecache import CachedFile, FileCache, MiB
 
 
@@ -71,5 +75,53 @@ def test_closed_files_are_kept_by_etag_within_the_byte_budget(tmp_path: Path) ->
         assert len(names) == 2 and all(n.startswith("kept-") for n in names)
         files.forget_all()
         assert os.listdir(tmp_path / "open") == [] and files.kept_bytes == 0
+
+    trio.run(main)
+
+
+def test_writes_and_truncates_wait_for_fetched_blocks_being_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetched data is copied into the local file by a worker thread; a write or a truncate
+    arriving meanwhile must land after it, never under it."""
+    data = os.urandom(4 * MiB)
+    real_pwrite_all = filecache._pwrite_all
+    storing = threading.Event()
+
+    def slow_pwrite_all(fd: int, pieces: list[tuple[memoryview, int]]) -> None:
+        storing.set()
+        time.sleep(0.3)  # long enough for the write below to arrive during the store
+        real_pwrite_all(fd, pieces)
+
+    monkeypatch.setattr(filecache, "_pwrite_all", slow_pwrite_all)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        return data[start : start + length]
+
+    async def main() -> None:
+        path = tmp_path / "open-1"
+        cf = CachedFile(str(path), os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "k",
+                        len(data), "etag", fetch)  # fmt: skip
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cf.read, 0, 2 * MiB)
+                await trio.to_thread.run_sync(storing.wait)
+                assert await cf.write(0, b"new" * MiB) == 3 * MiB  # covers blocks 0-2
+            assert await cf.read(0, 3 * MiB) == b"new" * MiB
+            assert await cf.read(3 * MiB, MiB) == data[3 * MiB :]
+
+            storing.clear()
+            async with trio.open_nursery() as nursery:
+                cf2 = CachedFile(str(tmp_path / "open-2"),
+                                 os.open(tmp_path / "open-2", os.O_RDWR | os.O_CREAT, 0o600),
+                                 "k2", len(data), "etag", fetch)  # fmt: skip
+                nursery.start_soon(cf2.read, 2 * MiB, 2 * MiB)
+                await trio.to_thread.run_sync(storing.wait)
+                await cf2.truncate(MiB)
+            assert os.fstat(cf2.fd).st_size == MiB  # the store did not extend it again
+            assert await cf2.read(0, 4 * MiB) == data[:MiB]
+            cf2.close()
+        finally:
+            cf.close()
 
     trio.run(main)

@@ -6,13 +6,15 @@ pinned to the object's ETag, with sequential readahead) or when a write covers p
 Writes land in the local file and mark it dirty; the S3FS uploads it on flush/fsync/close.
 When the last handle closes, a clean file's blocks are kept (up to a byte budget, least
 recently closed first out) so that opening the same version again costs no GET.
-All state changes happen in the trio thread; only the S3 fetches run in worker threads.
+All state changes happen in the trio thread; S3 fetches and the copying of what they bring
+into the local file run in worker threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 from collections import Counter, OrderedDict
@@ -57,6 +59,7 @@ class CachedFile:
         self.etag = etag
         self.present: set[int] = set()
         self._inflight: dict[int, trio.Event] = {}
+        self._storing: dict[int, trio.Event] = {}  # blocks a worker thread is writing
         self._random_misses = 0  # blocks fetched for reads that were not sequential
         self._fetching_all = False
         self._fetch = fetch
@@ -133,11 +136,37 @@ class CachedFile:
         # pwrite per run of wanted blocks (slices of a memoryview copy nothing).
         end = min(len(data), self.fetch_limit - start)
         wanted = [b for b in range(first, first + count) if b not in self.present]
+        pieces = []
         for b, n in _runs(wanted):
             lo, hi = (b - first) * BLOCK, min((b - first + n) * BLOCK, end)
             if hi > lo:
-                os.pwrite(self.fd, data[lo:hi], start + lo)
-        self.present.update(wanted)
+                pieces.append((data[lo:hi], start + lo))
+        await self._store(wanted, pieces)
+
+    async def _store(self, blocks: list[int], pieces: list[tuple[memoryview, int]]) -> None:
+        """Write fetched ``pieces`` (data, offset) of ``blocks`` in a worker thread: copying
+        16 MiB into the page cache takes 5-30 ms (longer when the kernel throttles dirty
+        pages), which every other request would wait for on the event loop.  Changes to
+        these blocks wait meanwhile (:meth:`_settle`).  The thread writes through its own
+        duplicate of the descriptor, which a close meanwhile leaves valid."""
+        done = trio.Event()
+        for b in blocks:
+            self._storing[b] = done
+        fd = os.dup(self.fd)
+        try:
+            await trio.to_thread.run_sync(_pwrite_all, fd, pieces)
+            self.present.update(blocks)
+        finally:
+            os.close(fd)
+            for b in blocks:
+                del self._storing[b]
+            done.set()
+
+    async def _settle(self, first: int, last: float = math.inf) -> None:
+        """Wait until no block from ``first`` to ``last`` is being stored by a worker thread.
+        Callers change the local file right after, with no await in between."""
+        while busy := [ev for b, ev in self._storing.items() if first <= b <= last]:
+            await busy[0].wait()
 
     async def read(
         self,
@@ -232,7 +261,7 @@ class CachedFile:
         self.fd, self.path, self.shared = fd, path, False
 
     async def write(self, off: int, data: bytes) -> int:
-        if self.shared:
+        if self.shared:  # (journaled: all present, so nothing is being stored)
             self._unshare(self.size)
         end = off + len(data)
         # Only blocks the write covers partially need their old bytes.
@@ -242,6 +271,7 @@ class CachedFile:
             if off <= bstart and end >= bend:
                 continue
             await self.ensure(bstart, bend)
+        await self._settle(off // BLOCK, (end - 1) // BLOCK)
         n = os.pwrite(self.fd, data, off)
         if data:
             self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
@@ -252,10 +282,11 @@ class CachedFile:
         return n
 
     async def truncate(self, size: int) -> None:
-        if self.shared:
+        if self.shared:  # (journaled: all present, so nothing is being stored)
             self._unshare(min(size, self.size))
         if size < self.fetch_limit and size % BLOCK:
             await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
+        await self._settle(size // BLOCK)
         self.fetch_limit = min(self.fetch_limit, size)
         os.ftruncate(self.fd, size)
         self.size = size
@@ -287,6 +318,11 @@ class CachedFile:
             os.close(self.fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+def _pwrite_all(fd: int, pieces: list[tuple[memoryview, int]]) -> None:
+    for data, off in pieces:
+        os.pwrite(fd, data, off)
 
 
 def _runs(blocks: Iterable[int], longest: int | None = None) -> list[tuple[int, int]]:
