@@ -205,6 +205,26 @@ def test_rewrites_upload_only_the_last_version(mount_factory, bucket, storage) -
     assert s3_bytes(storage, bucket, "log.txt") == b"version 9"
 
 
+def test_appends_after_the_upload_reuse_the_local_data(mount_factory, bucket, storage) -> None:
+    """A log appended by open/write/close: once a version is uploaded, the next append
+    starts from the local copy of it, not from a download of the whole object."""
+    m: Mount = mount_factory(bucket, "--write-back", "0")
+    head = os.urandom(3 * 1024 * 1024 + 5)
+    (m / "app.log").write_bytes(head)
+    run_cli("sync", str(m.path))
+    before = m.requests().get("GetObject", 0)
+    for i in range(3):
+        with open(m / "app.log", "ab") as f:
+            f.write(b"line %d\n" % i)
+        r = run_cli("sync", str(m.path))
+        assert r.returncode == 0, r.stderr
+    want = head + b"line 0\nline 1\nline 2\n"
+    assert s3_bytes(storage, bucket, "app.log") == want
+    assert (m / "app.log").read_bytes() == want
+    assert m.requests().get("GetObject", 0) == before
+    assert m.status()["cache"]["kept_hits"] >= 3
+
+
 def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) -> None:
     m: Mount = mount_factory(bucket, "--write-back", "3600")
     (m / "a.txt").write_text("A")

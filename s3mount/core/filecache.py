@@ -246,6 +246,16 @@ class CachedFile:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def _own(self, keep: int) -> None:
+        """Before the local file changes in place (no await between): if the journal still
+        links it (its upload is not done), move to a private copy of the first ``keep``
+        bytes; once the upload is done and the link gone, the file is ours again as is."""
+        if not self.shared:
+            return
+        if os.fstat(self.fd).st_nlink > 1:
+            self._unshare(keep)
+        self.shared = False
+
     def _unshare(self, keep: int) -> None:
         """Copy-on-write: move to a private copy of the first ``keep`` bytes."""
         fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=os.path.dirname(self.path))
@@ -261,8 +271,6 @@ class CachedFile:
         self.fd, self.path, self.shared = fd, path, False
 
     async def write(self, off: int, data: bytes) -> int:
-        if self.shared:  # (journaled: all present, so nothing is being stored)
-            self._unshare(self.size)
         end = off + len(data)
         # Only blocks the write covers partially need their old bytes.
         edges = {off // BLOCK, (end - 1) // BLOCK} if data else set()
@@ -272,6 +280,7 @@ class CachedFile:
                 continue
             await self.ensure(bstart, bend)
         await self._settle(off // BLOCK, (end - 1) // BLOCK)
+        self._own(self.size)
         n = os.pwrite(self.fd, data, off)
         if data:
             self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
@@ -282,11 +291,10 @@ class CachedFile:
         return n
 
     async def truncate(self, size: int) -> None:
-        if self.shared:  # (journaled: all present, so nothing is being stored)
-            self._unshare(min(size, self.size))
         if size < self.fetch_limit and size % BLOCK:
             await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
         await self._settle(size // BLOCK)
+        self._own(min(size, self.size))
         self.fetch_limit = min(self.fetch_limit, size)
         os.ftruncate(self.fd, size)
         self.size = size
@@ -413,6 +421,25 @@ class FileCache:
         while self.kept_bytes > self.keep_bytes:
             self.forget(next(iter(self.kept)))
         return True
+
+    @staticmethod
+    def awaits_upload(cf: CachedFile) -> bool:
+        """Whether ``cf`` is the data of a journaled version not uploaded yet (the journal
+        links it until then)."""
+        return cf.shared and os.fstat(cf.fd).st_nlink > 1
+
+    def uploaded(self, key: str, data: str, etag: str) -> None:
+        """A journaled version of ``key`` (data file ``data``) is now ``etag`` in S3: a kept
+        file that is that data (the same inode) can serve opens of ``etag``."""
+        entry = self.kept.get(key)
+        if entry is None:
+            return
+        try:
+            same = os.path.samestat(os.fstat(entry[0].fd), os.stat(data))
+        except OSError:
+            return
+        if same:
+            entry[0].etag = etag
 
     def reopen(self, key: str, size: int, etag: str | None) -> CachedFile | None:
         """The kept file of ``key`` if it holds version ``etag`` (else it is dropped)."""

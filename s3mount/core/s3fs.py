@@ -789,6 +789,7 @@ class S3FS(KeySpace):
         cf = self.files.files.get(key)
         if cf is not None and cf.etag == record.base_etag:
             cf.etag = info.etag
+        self.files.uploaded(key, record.data, info.etag)
         newest = self.writeback.pending_for(key)
         if newest is None or newest.id == record.id:
             dkey, name = self.dir_key_of(key)
@@ -960,7 +961,10 @@ class S3FS(KeySpace):
                 clean = False
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
-                elif not cf.unlinked and cf.etag and not cf.shared:
+                elif not cf.unlinked and self.files.awaits_upload(cf):
+                    cf.etag = None  # a journaled version: named once uploaded (upload_record)
+                    clean = True
+                elif not cf.unlinked and cf.etag:
                     self._kernel_etags[cf.key] = cf.etag
                     clean = True
                 if self.files.files.get(cf.key) is cf:
