@@ -246,13 +246,16 @@ class CachedFile:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def awaits_upload(self) -> bool:
+        """Whether the local file is the data of a journaled version not uploaded yet (the
+        journal links it until then)."""
+        return self.shared and os.fstat(self.fd).st_nlink > 1
+
     def _own(self, keep: int) -> None:
         """Before the local file changes in place (no await between): if the journal still
-        links it (its upload is not done), move to a private copy of the first ``keep``
-        bytes; once the upload is done and the link gone, the file is ours again as is."""
-        if not self.shared:
-            return
-        if os.fstat(self.fd).st_nlink > 1:
+        links it, move to a private copy of the first ``keep`` bytes; once that upload is
+        done and the link gone, the file is ours again as it is."""
+        if self.awaits_upload():
             self._unshare(keep)
         self.shared = False
 
@@ -421,12 +424,6 @@ class FileCache:
         while self.kept_bytes > self.keep_bytes:
             self.forget(next(iter(self.kept)))
         return True
-
-    @staticmethod
-    def awaits_upload(cf: CachedFile) -> bool:
-        """Whether ``cf`` is the data of a journaled version not uploaded yet (the journal
-        links it until then)."""
-        return cf.shared and os.fstat(cf.fd).st_nlink > 1
 
     def uploaded(self, key: str, data: str, etag: str) -> None:
         """A journaled version of ``key`` (data file ``data``) is now ``etag`` in S3: a kept

@@ -961,7 +961,7 @@ class S3FS(KeySpace):
                 clean = False
                 if cf.dirty and not cf.unlinked:
                     self._keep_unsaved(cf)
-                elif not cf.unlinked and self.files.awaits_upload(cf):
+                elif not cf.unlinked and cf.awaits_upload():
                     cf.etag = None  # a journaled version: named once uploaded (upload_record)
                     clean = True
                 elif not cf.unlinked and cf.etag:
