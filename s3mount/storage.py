@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -941,6 +942,55 @@ class Storage:
         if "ChecksumCRC32" in r:
             part["ChecksumCRC32"] = r["ChecksumCRC32"]
         return part
+
+    def multipart_copy_part(
+        self, remote_name: S3Name | str, upload_id: str, number: int, start: int, length: int,
+        etag: str,
+    ) -> Part:  # fmt: skip
+        """Part ``number`` copied in S3 from bytes [start, start+length) of the object itself,
+        as of version ``etag`` (UploadPartCopy; nothing goes over the network)."""
+        b, k = self._where(remote_name)
+        r = self._call(
+            f"copy s3://{b}/{k} (part {number})",
+            self._client.upload_part_copy,
+            Bucket=b, Key=k, UploadId=upload_id, PartNumber=number,
+            CopySource={"Bucket": b, "Key": k},
+            CopySourceRange=f"bytes={start}-{start + length - 1}",
+            CopySourceIfMatch=f'"{etag}"',
+        )  # fmt: skip
+        result = r.get("CopyPartResult", {})
+        part = {"PartNumber": number, "ETag": result.get("ETag", "")}
+        if "ChecksumCRC32" in result:
+            part["ChecksumCRC32"] = result["ChecksumCRC32"]
+        return part
+
+    def write_keeping_head(
+        self, local_name: str, remote_name: S3Name | str, etag: str, keep: int,
+        options: WriteOptions,
+    ) -> ObjectInfo:  # fmt: skip
+        """Replace the object with its own first ``keep`` bytes (of version ``etag``, copied
+        in S3) followed by the local file from offset ``keep``: an append to a big object
+        sends only what is new.  ``keep`` must be at least the minimum part size."""
+        size = os.path.getsize(local_name)
+        part = self.transfer.part_size_for(size)
+        copies = -(-keep // S3Facts.maximum_part_size)  # parts of the head, nearly equal
+        bounds = [keep * i // copies for i in range(copies + 1)]
+        upload_id = self.multipart_start(remote_name, options)
+        try:
+            parts = [
+                self.multipart_copy_part(remote_name, upload_id, i + 1, lo, hi - lo, etag)
+                for i, (lo, hi) in enumerate(pairwise(bounds))
+            ]
+            for off in range(keep, size, part):
+                parts.append(self.multipart_part(
+                    remote_name, upload_id, len(parts) + 1, local_name, off, min(part, size - off)
+                ))  # fmt: skip
+            self.multipart_finish(remote_name, upload_id, parts)
+        except BaseException:
+            with contextlib.suppress(StorageError):
+                self.multipart_abort(remote_name, upload_id)
+            raise
+        return self.head(remote_name)
 
     def multipart_finish(self, remote_name: S3Name | str, upload_id: str, parts: list[Part]) -> str:
         """Complete the upload from its parts, in order; returns the object's ETag."""

@@ -535,3 +535,36 @@ def test_find_and_ls_R_of_a_tree_list_it_flat(mount_factory, bucket: str, storag
     assert out.returncode == 0
     sent = {k: v - before.get(k, 0) for k, v in m.requests().items() if v != before.get(k, 0)}
     assert sent.get("ListObjectsV2", 0) == 0, sent
+
+
+def test_append_to_a_big_object_sends_only_the_tail(mnt: Mount, storage: Storage) -> None:
+    # The unchanged head is copied in S3 (UploadPartCopy): neither downloaded nor uploaded.
+    head = os.urandom(12 * 1024 * 1024 + 333)
+    storage.client.put_object(Bucket=mnt.bucket, Key="big.log", Body=head)
+    time.sleep(1.2)  # listing TTL
+    before = mnt.status()
+    want = head
+    for i in range(2):
+        with open(mnt / "big.log", "ab") as f:
+            f.write(b"line %d\n" % i)
+        want += b"line %d\n" % i
+        assert s3_bytes(storage, mnt.bucket, "big.log") == want
+    after = mnt.status()
+    assert (
+        after["requests"].get("UploadPartCopy", 0) - before["requests"].get("UploadPartCopy", 0)
+        == 2
+    )
+    assert after["bytes_in"] - before["bytes_in"] <= 2 * 1024 * 1024  # the last block, once
+    assert after["bytes_out"] - before["bytes_out"] < 1024 * 1024
+    # The mount reads the new version whole: the head's blocks it never fetched come from S3.
+    with open(mnt / "big.log", "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == want
+
+    # A change inside the head is uploaded whole, as before.
+    with open(mnt / "big.log", "r+b") as f:
+        f.seek(1000)
+        f.write(b"X")
+    want = want[:1000] + b"X" + want[1001:]
+    assert s3_bytes(storage, mnt.bucket, "big.log") == want
+    assert mnt.requests().get("UploadPartCopy", 0) == after["requests"].get("UploadPartCopy", 0)

@@ -57,6 +57,9 @@ class CachedFile:
         # version `etag`; above it the local file is the truth (zeros where never written).
         self.fetch_limit = size
         self.etag = etag
+        # Bytes [0, same_below) are still those of version `etag` (an upload can copy them
+        # in S3 instead of sending them).
+        self.same_below = size
         self.present: set[int] = set()
         self._inflight: dict[int, trio.Event] = {}
         self._storing: dict[int, trio.Event] = {}  # blocks a worker thread is writing
@@ -285,6 +288,7 @@ class CachedFile:
         await self._settle(off // BLOCK, (end - 1) // BLOCK)
         self._own(self.size)
         n = os.pwrite(self.fd, data, off)
+        self.same_below = min(self.same_below, off)
         if data:
             self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
         self.size = max(self.size, off + n)
@@ -299,6 +303,7 @@ class CachedFile:
         await self._settle(size // BLOCK)
         self._own(min(size, self.size))
         self.fetch_limit = min(self.fetch_limit, size)
+        self.same_below = min(self.same_below, size)
         os.ftruncate(self.fd, size)
         self.size = size
         self._changed()
@@ -309,12 +314,18 @@ class CachedFile:
         self.dirty = True
         self.generation += 1
 
-    def uploaded(self, generation: int, etag: str) -> None:
-        """The object now holds the local file as of ``generation`` (which was all present)."""
+    def uploaded(self, generation: int, etag: str, head_copied: bool = False) -> None:
+        """The object now holds the local file as of ``generation``: all of it was present,
+        or (``head_copied``) the bytes below ``same_below`` that were not came from the old
+        version, which the new one holds too (so they can still be fetched, from ``etag``)."""
         self.etag = etag
-        self.fetch_limit = 0
+        if not head_copied:
+            self.fetch_limit = 0
         if self.generation == generation:
             self.dirty = False
+            self.same_below = self.size
+        else:  # written during the upload: where, is no longer known against either version
+            self.same_below = 0
 
     def journaled(self, generation: int) -> None:
         """The journal now holds the local file as of ``generation`` (all of it present)."""
@@ -392,6 +403,7 @@ class FileCache:
         os.link(data, path)
         cf = self._cached_file(path, os.open(path, os.O_RDWR), key, size, etag, fetch)
         cf.fetch_limit = 0
+        cf.same_below = 0
         cf.shared = True
         return cf
 
@@ -437,6 +449,7 @@ class FileCache:
             return
         if same:
             entry[0].etag = etag
+            entry[0].same_below = entry[0].size
 
     def reopen(self, key: str, size: int, etag: str | None) -> CachedFile | None:
         """The kept file of ``key`` if it holds version ``etag`` (else it is dropped)."""

@@ -839,12 +839,17 @@ class S3FS(KeySpace):
         """
         if not cf.dirty or cf.unlinked:
             return None
-        await cf.ensure(0, cf.size)
-        generation, key = cf.generation, cf.key
+        # An unchanged head of at least a part is copied in S3 (appending to a big object
+        # sends only the tail); then only the rest has to be local.
+        keep = cf.same_below if cf.etag and cf.same_below >= S3Facts.minimum_part_size else 0
+        if keep >= cf.size or cf.stream is not None:
+            keep = 0
+        await cf.ensure(keep, cf.size)
+        generation, key, base = cf.generation, cf.key, cf.etag
         meta = self._headers_for_upload(cf)
         options = WriteOptions(content_type=meta.content_type or None, metadata=meta.headers)
         try:
-            if cf.etag is not None and await self._changed_remotely(key, cf.etag):
+            if base is not None and await self._changed_remotely(key, base):
                 self._keep_conflict(key, cf.path)
                 cf.dirty = False  # kept in the unsaved folder; S3 keeps the other version
                 self._untrack(cf)
@@ -853,12 +858,15 @@ class S3FS(KeySpace):
             streamed = await self._finish_stream(cf, meta) if cf.stream is not None else None
             if streamed is not None:
                 info, meta = streamed
+            elif keep and base is not None:
+                info = await self.run(self.storage.write_keeping_head, cf.path,
+                                      self.s3name(key), base, keep, options)  # fmt: skip
             else:
                 info = await self.run(self.storage.write, cf.path, self.s3name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
             raise UploadFailed(str(exc)) from exc
-        cf.uploaded(generation, info.etag)
+        cf.uploaded(generation, info.etag, head_copied=bool(keep))
         if not cf.dirty:
             self._untrack(cf)
         cf.meta = ObjectMeta(meta.headers, info.content_type)
