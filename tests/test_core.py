@@ -33,7 +33,7 @@ from s3mount.core.errors import (
     Stale,
 )
 from s3mount.core.s3fs import DIR_CONTENT_TYPE, S3FS
-from s3mount.storage import MiB, Storage
+from s3mount.storage import MiB, Storage, StorageError
 
 
 def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -960,3 +960,26 @@ async def test_opens_racing_on_one_key_share_its_local_file(
                 await h.close()
     await fs.close()
     assert get(storage, bucket, "d/f") == get(storage, bucket, "d/g") == b"new"
+
+
+@trio_test
+async def test_unsaved_append_is_kept_whole_though_its_head_was_never_fetched(
+    make_fs, storage, bucket, monkeypatch
+):
+    """The upload of an append copies the unchanged head in S3, so the head is not local.
+    If that upload fails, the copy kept in unsaved/ must still hold the whole file."""
+    fs = make_fs()
+    head = os.urandom(6 * MiB + 7)
+    put(storage, bucket, "big.log", head)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise StorageError("refused (test)")
+
+    monkeypatch.setattr(storage, "write_keeping_head", refuse)
+    f = await fs.open("big.log", "ab")
+    await f.write(b"the tail\n")
+    with pytest.raises(FSError):
+        await f.close()
+    kept = list(Path(fs.recovery_dir).rglob("big.log.*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == head + b"the tail\n"
+    assert get(storage, bucket, "big.log") == head

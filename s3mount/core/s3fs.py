@@ -968,6 +968,7 @@ class S3FS(KeySpace):
                     await stream.abort()
                 clean = False
                 if cf.dirty and not cf.unlinked:
+                    await self._fetch_rest(cf)
                     self._keep_unsaved(cf)
                 elif not cf.unlinked and cf.awaits_upload():
                     cf.etag = None  # a journaled version: named once uploaded (upload_record)
@@ -980,6 +981,18 @@ class S3FS(KeySpace):
                 self._untrack(cf)
                 if not (clean and self.files.keep(cf)):
                     cf.close()
+
+    async def _fetch_rest(self, cf: CachedFile) -> None:
+        """Before unsaved data is kept: fetch what of it is still only in S3 (an upload that
+        copied the unchanged head in S3 did not need it local), so that the kept copy is
+        whole.  Best effort: S3 may be what failed."""
+        try:
+            await cf.ensure(0, cf.size)
+        except Exception as exc:  # (whatever it is, what was written is kept below)
+            log.error(
+                "%s: the parts of it never read could not be fetched (%s); in the copy kept "
+                "below they are zeros, the rest is what was written", cf.key, exc,
+            )  # fmt: skip
 
     def _keep_unsaved(self, cf: CachedFile) -> None:
         """Keep data that could not be uploaded, under the cache dir, named by its key."""
