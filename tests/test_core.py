@@ -33,7 +33,7 @@ from s3mount.core.errors import (
     Stale,
 )
 from s3mount.core.s3fs import DIR_CONTENT_TYPE, S3FS
-from s3mount.storage import MiB, Storage, StorageError
+from s3mount.storage import MiB, Storage, StorageError, Unreachable
 
 
 def trio_test(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -972,10 +972,10 @@ async def test_unsaved_append_is_kept_whole_though_its_head_was_never_fetched(
     head = os.urandom(6 * MiB + 7)
     put(storage, bucket, "big.log", head)
 
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise StorageError("refused (test)")
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise Unreachable("S3 went away (test)")
 
-    monkeypatch.setattr(storage, "write_keeping_head", refuse)
+    monkeypatch.setattr(storage, "write_keeping_head", unreachable)
     f = await fs.open("big.log", "ab")
     await f.write(b"the tail\n")
     with pytest.raises(FSError):
@@ -983,3 +983,25 @@ async def test_unsaved_append_is_kept_whole_though_its_head_was_never_fetched(
     kept = list(Path(fs.recovery_dir).rglob("big.log.*"))
     assert len(kept) == 1 and kept[0].read_bytes() == head + b"the tail\n"
     assert get(storage, bucket, "big.log") == head
+
+
+@trio_test
+async def test_a_store_without_part_copy_gets_whole_uploads(make_fs, storage, bucket, monkeypatch):
+    fs = make_fs()
+    head = os.urandom(6 * MiB + 7)
+    put(storage, bucket, "big.log", head)
+    refused = []
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        refused.append(1)
+        raise StorageError("NotImplemented (test)", code="NotImplemented")
+
+    monkeypatch.setattr(storage, "write_keeping_head", refuse)
+    want = head
+    for i in range(2):
+        f = await fs.open("big.log", "ab")
+        await f.write(b"line %d\n" % i)
+        await f.close()
+        want += b"line %d\n" % i
+        assert get(storage, bucket, "big.log") == want
+    assert refused == [1]  # tried once, then whole uploads only

@@ -76,6 +76,7 @@ from s3mount.storage import (
     S3Key,
     Storage,
     StorageError,
+    Unreachable,
     WriteOptions,
 )
 
@@ -204,6 +205,7 @@ class S3FS(KeySpace):
         self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
         self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
         self._read_after_write = 0  # uploads that read back at once (-1: not always)
+        self._copy_heads = True  # False once the store refused an UploadPartCopy
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
         self.meta_cache = MetaCache(os.path.join(cache_dir, "metadata.sqlite"))
         self.resolver = MetadataResolver(
@@ -842,7 +844,7 @@ class S3FS(KeySpace):
         # An unchanged head of at least a part is copied in S3 (appending to a big object
         # sends only the tail); then only the rest has to be local.
         keep = cf.same_below if cf.etag and cf.same_below >= S3Facts.minimum_part_size else 0
-        if keep >= cf.size or cf.stream is not None:
+        if keep >= cf.size or cf.stream is not None or not self._copy_heads:
             keep = 0
         await cf.ensure(keep, cf.size)
         generation, key, base = cf.generation, cf.key, cf.etag
@@ -859,8 +861,7 @@ class S3FS(KeySpace):
             if streamed is not None:
                 info, meta = streamed
             elif keep and base is not None:
-                info = await self.run(self.storage.write_keeping_head, cf.path,
-                                      self.s3name(key), base, keep, options)  # fmt: skip
+                info = await self._write_keeping_head(cf, base, keep, options)
             else:
                 info = await self.run(self.storage.write, cf.path, self.s3name(key), options)
         except StorageError as exc:
@@ -874,6 +875,25 @@ class S3FS(KeySpace):
         self._kernel_etags[key] = info.etag
         self._update_listing(key, cf)
         return key, info.etag
+
+    async def _write_keeping_head(
+        self, cf: CachedFile, base: str, keep: int, options: WriteOptions
+    ) -> ObjectInfo:
+        """Upload ``cf`` with its first ``keep`` bytes copied in S3 from version ``base``.
+        A store that refuses the copy (not every S3-compatible one has UploadPartCopy) gets
+        the whole file, now and from then on."""
+        name = self.s3name(cf.key)
+        try:
+            return await self.run(self.storage.write_keeping_head, cf.path, name, base, keep,
+                                  options)  # fmt: skip
+        except (PreconditionFailed, Unreachable):
+            raise  # changed meanwhile, or S3 is not answering: not the copy's fault
+        except StorageError as exc:
+            log.warning("S3 refused to copy the unchanged head of %s (%s): uploading whole "
+                        "files from now on", cf.key, exc)  # fmt: skip
+            self._copy_heads = False
+        await cf.ensure(0, cf.size)
+        return await self.run(self.storage.write, cf.path, name, options)
 
     # -- streaming a big file to S3 while it is written (default mode) ------------------------
 
