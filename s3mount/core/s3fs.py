@@ -988,8 +988,7 @@ class S3FS(KeySpace):
                     await stream.abort()
                 clean = False
                 if cf.dirty and not cf.unlinked:
-                    await self._fetch_rest(cf)
-                    self._keep_unsaved(cf)
+                    await self._keep_unsaved(cf)
                 elif not cf.unlinked and cf.awaits_upload():
                     cf.etag = None  # a journaled version: named once uploaded (upload_record)
                     clean = True
@@ -1002,27 +1001,26 @@ class S3FS(KeySpace):
                 if not (clean and self.files.keep(cf)):
                     cf.close()
 
-    async def _fetch_rest(self, cf: CachedFile) -> None:
-        """Before unsaved data is kept: fetch what of it is still only in S3 (an upload that
-        copied the unchanged head in S3 did not need it local), so that the kept copy is
-        whole.  Best effort: S3 may be what failed."""
+    async def _keep_unsaved(self, cf: CachedFile) -> None:
+        """Keep data that could not be uploaded, under the cache dir, named by its key.
+        First, best effort (S3 may be what failed), fetch what of it is still only in S3 (an
+        upload that copied the unchanged head in S3 did not need it local), so that the kept
+        copy is whole; the copy is made whatever happens to that."""
         try:
             await cf.ensure(0, cf.size)
-        except Exception as exc:  # (whatever it is, what was written is kept below)
+        except Exception as exc:
             log.error(
                 "%s: the parts of it never read could not be fetched (%s); in the copy kept "
                 "below they are zeros, the rest is what was written", cf.key, exc,
             )  # fmt: skip
-
-    def _keep_unsaved(self, cf: CachedFile) -> None:
-        """Keep data that could not be uploaded, under the cache dir, named by its key."""
-        dest = self._unsaved_path(cf.key)
-        try:
-            _makedirs_private(os.path.dirname(dest))
-            os.link(cf.path, dest)
-            log.error("could not upload %s; its data is kept in %s", cf.key, dest)
-        except OSError as exc:
-            log.error("could not upload %s nor keep it in %s: %s", cf.key, dest, exc)
+        finally:
+            dest = self._unsaved_path(cf.key)
+            try:
+                _makedirs_private(os.path.dirname(dest))
+                os.link(cf.path, dest)
+                log.error("could not upload %s; its data is kept in %s", cf.key, dest)
+            except OSError as exc:
+                log.error("could not upload %s nor keep it in %s: %s", cf.key, dest, exc)
 
     def _recover_leftovers(self, unverified: list[Record]) -> None:
         """Temp files of a daemon that died.  Those the journal knew were being written are
@@ -1063,7 +1061,7 @@ class S3FS(KeySpace):
         finally:
             for cf in list(self.files.files.values()):
                 if cf.dirty and not cf.unlinked:
-                    self._keep_unsaved(cf)
+                    await self._keep_unsaved(cf)
                 self._untrack(cf)
                 cf.close()
             self.files.files.clear()
