@@ -415,6 +415,14 @@ ProgressCallback = Callable[[int], None]
 Part = dict[str, Any]  # a part of a multipart upload: number, ETag, checksum
 
 
+def _part(number: int, answer: dict[str, Any]) -> Part:
+    """What completing the upload needs of part ``number``, from S3's answer to it."""
+    part = {"PartNumber": number, "ETag": answer["ETag"]}
+    if "ChecksumCRC32" in answer:
+        part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+    return part
+
+
 # ---------------------------------------------------------------------------------------------
 # Storage
 
@@ -938,10 +946,7 @@ class Storage:
             ChecksumAlgorithm="CRC32",
         )  # fmt: skip
         self.counter.add_bytes(len(body), outgoing=True)
-        part = {"PartNumber": number, "ETag": r["ETag"]}
-        if "ChecksumCRC32" in r:
-            part["ChecksumCRC32"] = r["ChecksumCRC32"]
-        return part
+        return _part(number, r)
 
     def multipart_copy_part(
         self, remote_name: S3Name | str, upload_id: str, number: int, start: int, length: int,
@@ -958,11 +963,7 @@ class Storage:
             CopySourceRange=f"bytes={start}-{start + length - 1}",
             CopySourceIfMatch=f'"{etag}"',
         )  # fmt: skip
-        result = r.get("CopyPartResult", {})
-        part = {"PartNumber": number, "ETag": result.get("ETag", "")}
-        if "ChecksumCRC32" in result:
-            part["ChecksumCRC32"] = result["ChecksumCRC32"]
-        return part
+        return _part(number, r.get("CopyPartResult", {}))
 
     def write_keeping_head(
         self, local_name: str, remote_name: S3Name | str, etag: str, keep: int,
