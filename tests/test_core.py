@@ -32,6 +32,7 @@ from s3mount.core.errors import (
     ResourceNotFound,
     Stale,
 )
+from s3mount.core.journal import Journal
 from s3mount.core.s3fs import DIR_CONTENT_TYPE, S3FS
 from s3mount.storage import MiB, Storage, StorageError, Unreachable
 
@@ -1005,3 +1006,37 @@ async def test_a_store_without_part_copy_gets_whole_uploads(make_fs, storage, bu
         want += b"line %d\n" % i
         assert get(storage, bucket, "big.log") == want
     assert refused == [1]  # tried once, then whole uploads only
+
+
+@trio_test
+async def test_a_version_journaled_during_an_upload_builds_on_it(
+    make_fs, storage, bucket, tmp_path
+):
+    """Write-back: a version journaled while the one before it uploads is rebased on that
+    upload's ETag, keeping the head both share, in the journal too (a restart must neither
+    take it for a conflict nor copy a head the new object does not have)."""
+    fs = make_fs(write_back=3600)
+    head = os.urandom(6 * MiB + 7)
+    put(storage, bucket, "big.log", head)
+    for line in (b"one\n", b"two\n"):
+        f = await fs.open("big.log", "ab")
+        await f.write(line)
+        await f.close()
+        if line == b"one\n":
+            first = fs.writeback.pending_for("big.log")
+            assert first is not None and first.head == len(head)
+            fs.writeback._uploading.add("big.log")  # its upload is in flight: not superseded
+    second = fs.writeback.pending_for("big.log")
+    assert second is not None and second.id != first.id and second.head == len(head)
+
+    before = requests(storage)
+    await fs.upload_record(first)
+    assert get(storage, bucket, "big.log") == head + b"one\n"
+    etag = storage.head(fs.s3name("big.log")).etag
+    on_disk = {r.id: r for r in Journal(str(tmp_path / "cache")).records()}
+    for r in (second, on_disk[second.id]):
+        assert (r.base_etag, r.head) == (etag, len(head))
+    await fs.upload_record(second)
+    assert get(storage, bucket, "big.log") == head + b"one\ntwo\n"
+    assert since(storage, before).get("UploadPartCopy") == 2
+    await fs.close(drain=False)  # no scheduler runs here to forget the records

@@ -225,6 +225,31 @@ def test_appends_after_the_upload_reuse_the_local_data(mount_factory, bucket, st
     assert m.status()["cache"]["kept_hits"] >= 3
 
 
+def test_appends_to_a_big_object_upload_only_the_tail(mount_factory, bucket, storage) -> None:
+    """The journal needs the whole file, so the first append downloads it once; every upload
+    then copies the unchanged head in S3 (UploadPartCopy) and sends only what is new: from a
+    version still in the journal and from one already uploaded."""
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    head = os.urandom(12 * 1024 * 1024 + 333)
+    storage.client.put_object(Bucket=bucket, Key="big.log", Body=head)
+    time.sleep(1.2)  # listing TTL
+    before = m.status()
+    want = head
+    for i in range(4):
+        with open(m / "big.log", "ab") as f:
+            f.write(b"line %d\n" % i)
+        want += b"line %d\n" % i
+        if i % 2:  # two appends per upload: the second opens the journaled version
+            assert run_cli("sync", str(m.path)).returncode == 0
+            assert s3_bytes(storage, bucket, "big.log") == want
+    after = m.status()
+    copies = [s["requests"].get("UploadPartCopy", 0) for s in (before, after)]
+    assert copies[1] - copies[0] == 2
+    assert after["bytes_in"] - before["bytes_in"] < len(head) + 2 * 1024 * 1024
+    assert after["bytes_out"] - before["bytes_out"] < 1024 * 1024
+    assert (m / "big.log").read_bytes() == want
+
+
 def test_rename_and_unlink_of_journaled_files(mount_factory, bucket, storage) -> None:
     m: Mount = mount_factory(bucket, "--write-back", "3600")
     (m / "a.txt").write_text("A")

@@ -28,6 +28,7 @@ from s3mount.core.metadata import ObjectMeta
 from s3mount.storage import MiB
 
 if TYPE_CHECKING:
+    from s3mount.core.journal import Record
     from s3mount.core.streaming import PartStream
 
 log = logging.getLogger(__name__)
@@ -392,18 +393,18 @@ class FileCache:
         fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=self.directory)  # mode 0600
         return self._cached_file(path, fd, key, size, etag, fetch)
 
-    def from_data(
-        self, key: str, data: str, size: int, etag: str | None, fetch: Fetcher
-    ) -> CachedFile:
-        """An open file whose content is a journaled data file (linked, copied on write)."""
-        name = f"{OPEN_PREFIX}{os.path.basename(data)}-{os.getpid()}"
+    def from_data(self, key: str, record: Record, fetch: Fetcher) -> CachedFile:
+        """An open file whose content is a journaled version's data file (linked, copied on
+        write)."""
+        name = f"{OPEN_PREFIX}{os.path.basename(record.data)}-{os.getpid()}"
         path = os.path.join(self.directory, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        os.link(data, path)
-        cf = self._cached_file(path, os.open(path, os.O_RDWR), key, size, etag, fetch)
+        os.link(record.data, path)
+        fd = os.open(path, os.O_RDWR)
+        cf = self._cached_file(path, fd, key, record.size, record.base_etag, fetch)
         cf.fetch_limit = 0
-        cf.same_below = 0
+        cf.same_below = record.head
         cf.shared = True
         return cf
 

@@ -51,6 +51,7 @@ class Record:
     content_type: str
     base_etag: str | None  # the object version the change was made on (None: a new file)
     created: float
+    head: int = 0  # bytes [0, head) are still those of version base_etag (copied in S3)
     attempts: int = 0
     next_try: float = field(default=0.0, compare=False)  # monotonic time of the next try
     durable: bool = True  # data file and row synced (survive a power loss)
@@ -77,6 +78,8 @@ class Journal:
         columns = [r[1] for r in self._db.execute("PRAGMA table_info(pending)")]
         if "boot" not in columns:  # a journal of an earlier version: every row was durable
             self._db.execute("ALTER TABLE pending ADD COLUMN boot TEXT")
+        if "head" not in columns:
+            self._db.execute("ALTER TABLE pending ADD COLUMN head INTEGER NOT NULL DEFAULT 0")
 
     # -- pending uploads -------------------------------------------------------------------
 
@@ -89,6 +92,7 @@ class Journal:
         headers: dict[str, str],
         content_type: str,
         base_etag: str | None,
+        head: int = 0,
         durable: bool = True,
     ) -> Record:
         """Record the file: when this returns, the upload is promised (``durable``: even
@@ -106,18 +110,17 @@ class Journal:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cur = self._db.execute(
                 "INSERT INTO pending (key, data, size, headers, content_type, base_etag, "
-                "created, boot) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "created, boot, head) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, os.path.basename(data), size, json.dumps(headers), content_type,
-                 base_etag, created, None if durable else BOOT_ID),
+                 base_etag, created, None if durable else BOOT_ID, head),
             )  # fmt: skip
         except sqlite3.Error as exc:  # nothing promised: the caller keeps its dirty file
             os.unlink(data)
             raise _journal_error(exc) from None
-        record = Record(
-            int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created
-        )
-        record.durable = durable
-        return record
+        return Record(
+            int(cur.lastrowid or 0), key, data, size, headers, content_type, base_etag, created,
+            head, durable=durable,
+        )  # fmt: skip
 
     def make_durable(self, records: list[Record]) -> None:
         """fsync(2) of a file already journaled: its data and row survive a power loss now."""
@@ -158,14 +161,24 @@ class Journal:
             raise _journal_error(exc) from None
         record.headers = headers
 
+    def rebase(self, record: Record, etag: str, head: int) -> None:
+        """An earlier version of the record's key is now ``etag`` in S3: the record builds
+        on it, with its first ``head`` bytes still that version's.  Best effort: if SQLite
+        fails, a restart takes the record for a conflict and keeps it in the recovery
+        folder instead of uploading it; nothing is lost."""
+        record.base_etag, record.head = etag, head
+        self._best_effort(
+            "UPDATE pending SET base_etag = ?, head = ? WHERE id = ?", (etag, head, record.id)
+        )
+
     def records(self) -> list[Record]:
         rows = self._db.execute(
-            "SELECT id, key, data, size, headers, content_type, base_etag, created, boot "
+            "SELECT id, key, data, size, headers, content_type, base_etag, created, head, boot "
             "FROM pending ORDER BY id"
         ).fetchall()
         return [
             Record(r[0], r[1], os.path.join(self.dir, os.path.basename(r[2])), r[3],
-                   json.loads(r[4]), r[5], r[6], r[7], durable=r[8] is None)
+                   json.loads(r[4]), r[5], r[6], r[7], r[8], durable=r[9] is None)
             for r in rows
         ]  # fmt: skip
 

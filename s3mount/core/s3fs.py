@@ -74,6 +74,7 @@ from s3mount.storage import (
     PreconditionFailed,
     S3Facts,
     S3Key,
+    S3Name,
     Storage,
     StorageError,
     Unreachable,
@@ -659,8 +660,7 @@ class S3FS(KeySpace):
             raise ResourceExists(path)
         record = self.writeback.pending_for(key) if cf is None else None
         if record is not None:  # journaled, maybe not uploaded yet: open the journal's data
-            cf = self.files.from_data(key, record.data, record.size, record.base_etag,
-                                      self._fetcher(key))  # fmt: skip
+            cf = self.files.from_data(key, record, self._fetcher(key))
             cf.meta = ObjectMeta(record.headers, record.content_type)
             cf.mtime_ns = cf.meta.mtime_ns
             self.files.files[key] = cf
@@ -757,7 +757,7 @@ class S3FS(KeySpace):
             await trio.to_thread.run_sync(os.fsync, cf.fd)  # the slow part, off the event loop
         record = self.journal.add(
             cf.key, cf.fd, cf.path, cf.size, meta.headers, meta.content_type, cf.etag,
-            durable=durable,
+            head=cf.same_below if cf.etag else 0, durable=durable,
         )  # fmt: skip
         cf.journaled(generation)
         cf.meta = meta
@@ -778,19 +778,25 @@ class S3FS(KeySpace):
             return
         options = WriteOptions(content_type=record.content_type or None, metadata=record.headers)
         await self.deletes.settle(key)
-        info: ObjectInfo = await self.run(
-            self.storage.write, record.data, self.s3name(key), options
-        )
+        name, info = self.s3name(key), None
+        if record.base_etag and self._may_copy_head(record.head, record.size):
+            info = await self._write_keeping_head(record.data, name, record.base_etag,
+                                                  record.head, options)  # fmt: skip
+        if info is None:
+            info = await self.run(self.storage.write, record.data, name, options)
         if record.key != key:
             return  # unlinked meanwhile: the caller deletes the object
         meta = ObjectMeta(record.headers, info.content_type)
         self.meta_cache.put(key, info.etag, None, meta)
+        # What was the same as the old version below record.head is the same as the new one.
         for later in self.writeback.records_of(key):  # they build on it now
             if later.id != record.id:
-                later.base_etag = info.etag
+                same = later.base_etag == record.base_etag
+                self.journal.rebase(later, info.etag, min(later.head, record.head) if same else 0)
         cf = self.files.files.get(key)
         if cf is not None and cf.etag == record.base_etag:
             cf.etag = info.etag
+            cf.same_below = min(cf.same_below, record.head)
         self.files.uploaded(key, record.data, info.etag)
         newest = self.writeback.pending_for(key)
         if newest is None or newest.id == record.id:
@@ -843,9 +849,8 @@ class S3FS(KeySpace):
             return None
         # An unchanged head of at least a part is copied in S3 (appending to a big object
         # sends only the tail); then only the rest has to be local.
-        keep = cf.same_below if cf.etag and cf.same_below >= S3Facts.minimum_part_size else 0
-        if keep >= cf.size or cf.stream is not None or not self._copy_heads:
-            keep = 0
+        copy = cf.stream is None and cf.etag and self._may_copy_head(cf.same_below, cf.size)
+        keep = cf.same_below if copy else 0
         await cf.ensure(keep, cf.size)
         generation, key, base = cf.generation, cf.key, cf.etag
         meta = self._headers_for_upload(cf)
@@ -858,11 +863,15 @@ class S3FS(KeySpace):
                 raise Stale(f"{key}: changed by another client since it was opened")
             await self.deletes.settle(key)
             streamed = await self._finish_stream(cf, meta) if cf.stream is not None else None
+            info = None
             if streamed is not None:
                 info, meta = streamed
             elif keep and base is not None:
-                info = await self._write_keeping_head(cf, base, keep, options)
-            else:
+                info = await self._write_keeping_head(cf.path, self.s3name(key), base, keep,
+                                                      options)  # fmt: skip
+                if info is None:
+                    await cf.ensure(0, cf.size)
+            if info is None:
                 info = await self.run(self.storage.write, cf.path, self.s3name(key), options)
         except StorageError as exc:
             log.error("upload of %s failed, the data stays in the local cache: %s", key, exc)
@@ -876,24 +885,27 @@ class S3FS(KeySpace):
         self._update_listing(key, cf)
         return key, info.etag
 
+    def _may_copy_head(self, head: int, size: int) -> bool:
+        """Whether an upload copies its unchanged ``head`` in S3 instead of sending it:
+        only a head of at least a part, and not if the store refused such a copy before."""
+        return self._copy_heads and S3Facts.minimum_part_size <= head < size
+
     async def _write_keeping_head(
-        self, cf: CachedFile, base: str, keep: int, options: WriteOptions
-    ) -> ObjectInfo:
-        """Upload ``cf`` with its first ``keep`` bytes copied in S3 from version ``base``.
-        A store that refuses the copy (not every S3-compatible one has UploadPartCopy) gets
-        the whole file, now and from then on."""
-        name = self.s3name(cf.key)
+        self, path: str, name: S3Name, base: str, keep: int, options: WriteOptions
+    ) -> ObjectInfo | None:
+        """Upload local file ``path`` with its first ``keep`` bytes copied in S3 from version
+        ``base``.  None: the store refused the copy (not every S3-compatible one has
+        UploadPartCopy); the caller uploads the whole file, now and from then on."""
         try:
-            return await self.run(self.storage.write_keeping_head, cf.path, name, base, keep,
+            return await self.run(self.storage.write_keeping_head, path, name, base, keep,
                                   options)  # fmt: skip
         except (PreconditionFailed, Unreachable):
             raise  # changed meanwhile, or S3 is not answering: not the copy's fault
         except StorageError as exc:
             log.warning("S3 refused to copy the unchanged head of %s (%s): uploading whole "
-                        "files from now on", cf.key, exc)  # fmt: skip
+                        "files from now on", name.key, exc)  # fmt: skip
             self._copy_heads = False
-        await cf.ensure(0, cf.size)
-        return await self.run(self.storage.write, cf.path, name, options)
+            return None
 
     # -- streaming a big file to S3 while it is written (default mode) ------------------------
 
