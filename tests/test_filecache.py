@@ -125,3 +125,49 @@ def test_writes_and_truncates_wait_for_fetched_blocks_being_stored(
             cf.close()
 
     trio.run(main)
+
+
+def test_copy_on_write_runs_in_a_thread_and_changes_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-back: a file the journal still links is copied before it changes.  The copy runs
+    in a worker thread: reads go on meanwhile, and a second change waits for the copy and
+    lands in it, never in the journal's data."""
+    data = os.urandom(3 * MiB)
+    real_copy_head = filecache._copy_head
+    copying, copied = threading.Event(), threading.Event()
+
+    def slow_copy_head(src: int, dst: int, length: int) -> None:
+        copying.set()
+        time.sleep(0.3)
+        real_copy_head(src, dst, length)
+        copied.set()
+
+    monkeypatch.setattr(filecache, "_copy_head", slow_copy_head)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        raise AssertionError("all of it is local")
+
+    async def main() -> None:
+        path, journaled = tmp_path / "open-1", tmp_path / "journaled"
+        path.write_bytes(data)
+        os.link(path, journaled)
+        cf = CachedFile(str(path), os.open(path, os.O_RDWR), "k", len(data), "etag", fetch)
+        cf.fetch_limit, cf.shared = 0, True
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cf.write, 5, b"first")
+                    await trio.to_thread.run_sync(copying.wait)
+                    assert await cf.read(0, 16) == data[:16]  # served during the copy
+                    assert not copied.is_set()
+                    assert await cf.write(len(data), b"second") == 6  # waits for the copy
+                    assert copied.is_set()
+            want = data[:5] + b"first" + data[10:] + b"second"
+            assert await cf.read(0, len(want) + 1) == want
+            assert journaled.read_bytes() == data
+            assert not cf.awaits_upload() and cf.path != str(path)
+        finally:
+            cf.close()
+
+    trio.run(main)

@@ -64,6 +64,7 @@ class CachedFile:
         self.present: set[int] = set()
         self._inflight: dict[int, trio.Event] = {}
         self._storing: dict[int, trio.Event] = {}  # blocks a worker thread is writing
+        self._unsharing: trio.Event | None = None  # set while _unshare copies the file
         self._random_misses = 0  # blocks fetched for reads that were not sequential
         self._fetching_all = False
         self._fetch = fetch
@@ -255,27 +256,38 @@ class CachedFile:
         journal links it until then)."""
         return self.shared and os.fstat(self.fd).st_nlink > 1
 
-    def _own(self, keep: int) -> None:
-        """Before the local file changes in place (no await between): if the journal still
-        links it, move to a private copy of the first ``keep`` bytes; once that upload is
-        done and the link gone, the file is ours again as it is."""
+    async def _own(self, keep_below: float = math.inf) -> None:
+        """Before the local file changes in place (the caller's last await): if the journal
+        still links it, move to a private copy of its bytes below ``keep_below``; once that
+        upload is done and the link gone, the file is ours again as it is."""
+        while self._unsharing is not None:  # another change is copying it: wait, look again
+            await self._unsharing.wait()
         if self.awaits_upload():
-            self._unshare(keep)
+            self._unsharing = trio.Event()
+            try:
+                await self._unshare(int(min(keep_below, self.size)))
+            finally:
+                self._unsharing.set()
+                self._unsharing = None
         self.shared = False
 
-    def _unshare(self, keep: int) -> None:
-        """Copy-on-write: move to a private copy of the first ``keep`` bytes."""
+    async def _unshare(self, keep: int) -> None:
+        """Copy-on-write: move to a private copy of the first ``keep`` bytes, copied by a
+        worker thread (a big file takes a while; reads go on meanwhile, changes wait)."""
         fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=os.path.dirname(self.path))
-        done = 0
-        while done < keep:
-            n = os.copy_file_range(self.fd, fd, keep - done, done, done)
-            if n == 0:
-                break
-            done += n
-        os.ftruncate(fd, self.size)
+        src = os.dup(self.fd)  # valid for the thread whatever happens to self.fd
+        try:
+            await trio.to_thread.run_sync(_copy_head, src, fd, keep)
+            os.ftruncate(fd, self.size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        finally:
+            os.close(src)
         os.close(self.fd)
         os.unlink(self.path)  # the journal's link keeps the data it promised
-        self.fd, self.path, self.shared = fd, path, False
+        self.fd, self.path = fd, path
 
     async def write(self, off: int, data: bytes) -> int:
         end = off + len(data)
@@ -287,7 +299,7 @@ class CachedFile:
                 continue
             await self.ensure(bstart, bend)
         await self._settle(off // BLOCK, (end - 1) // BLOCK)
-        self._own(self.size)
+        await self._own()
         n = os.pwrite(self.fd, data, off)
         self.same_below = min(self.same_below, off)
         if data:
@@ -302,7 +314,7 @@ class CachedFile:
         if size < self.fetch_limit and size % BLOCK:
             await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
         await self._settle(size // BLOCK)
-        self._own(min(size, self.size))
+        await self._own(size)
         self.fetch_limit = min(self.fetch_limit, size)
         self.same_below = min(self.same_below, size)
         os.ftruncate(self.fd, size)
@@ -346,6 +358,17 @@ class CachedFile:
 def _pwrite_all(fd: int, pieces: list[tuple[memoryview, int]]) -> None:
     for data, off in pieces:
         os.pwrite(fd, data, off)
+
+
+def _copy_head(src: int, dst: int, length: int) -> None:
+    """Copy the first ``length`` bytes of ``src`` into ``dst`` (in the kernel; a reflink on
+    file systems that have them)."""
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src, dst, length - done, done, done)
+        if n == 0:
+            break
+        done += n
 
 
 def _runs(blocks: Iterable[int], longest: int | None = None) -> list[tuple[int, int]]:
