@@ -40,7 +40,10 @@ def _cell(r: dict[str, Any] | None, unit: str) -> str:
     s = f"{r['seconds']:.2f} s"
     if r.get("close_seconds") is not None and abs(r["close_seconds"] - r["seconds"]) > 0.005:
         s += f" (close {r['close_seconds']:.2f})"
-    return f"{s} · {r['rate']:,.1f} {unit}"
+    s += f" · {r['rate']:,.1f} {unit}"
+    if r.get("rounds"):
+        s += f" · {len(r['rounds'])} rounds {min(r['rounds']):.2f}–{max(r['rounds']):.2f} s"
+    return s
 
 
 def table(data: dict[str, Any]) -> str:
@@ -70,7 +73,8 @@ def table(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "Seconds: until the data is in S3 for writes (until the program returned in "
-        "parentheses, when different); ratio < 1 means faster than the best peer."
+        "parentheses, when different); with several rounds, the median round (and the "
+        "range of all); ratio < 1 means faster than the best peer."
     )
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,7 @@
 
     python -m bench.run                        # full sizes, 20 ms round trip, every tool
     python -m bench.run --scale tiny --rtt-ms 0 --tools s3mount,raw
+    python -m bench.run --rounds 3 --workloads untar   # the median of 3 rounds
 
 See docs/benchmarks.md for what is measured and how.  Writes ``results.json`` (raw),
 ``results.md`` (the table) and ``results.png`` (the chart) into ``--out``.  Whatever
@@ -203,6 +204,29 @@ def record(outcome: Outcome, unit: str) -> dict[str, Any]:
     }
 
 
+def median_entry(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One tool's rounds as one entry: each workload's median round (the lower middle one
+    of an even number), with every round's seconds in ``rounds``; a failure in any round
+    is the result.  Peak RSS is the highest of all rounds."""
+    if len(rounds) == 1:
+        return rounds[0]
+    failed = next((r for r in rounds if r.get("error")), None)
+    if failed is not None:
+        return failed
+    entry = {**rounds[0], "results": {}, "rounds": len(rounds)}
+    for w in rounds[0]["results"]:
+        runs = [r["results"][w] for r in rounds]
+        if any(run.get("error") for run in runs):
+            entry["results"][w] = next(run for run in runs if run.get("error"))
+            continue
+        ordered = sorted(runs, key=lambda run: run["seconds"])
+        entry["results"][w] = {**ordered[(len(runs) - 1) // 2],
+                               "rounds": [run["seconds"] for run in runs]}  # fmt: skip
+    entry["peak_rss_kib"] = max((r["peak_rss_kib"] or 0 for r in rounds), default=0) or None
+    entry["wall_seconds"] = round(sum(r["wall_seconds"] for r in rounds), 1)
+    return entry
+
+
 def _requests_delta(before: dict | None, after: dict | None) -> dict[str, int] | None:
     if not before or not after:
         return None
@@ -288,8 +312,7 @@ class Bench:
 
     # -- running --------------------------------------------------------------------------
 
-    def run_tool(self, tool: MountTool | Raw) -> dict[str, Any]:
-        prefix = f"t-{tool.name}"
+    def run_tool(self, tool: MountTool | Raw, prefix: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"kind": tool.kind, "results": {}, "peak_rss_kib": None}
         if isinstance(tool, MountTool):
             entry["options"] = tool.extra
@@ -312,10 +335,10 @@ class Bench:
             names = [w for w, p, _ in WORKLOADS if p == phase and w in self.selected]
             if not names:
                 continue
-            mnt = self.work / f"mnt-{tool.name}-{phase}"
+            mnt = self.work / f"mnt-{prefix}-{phase}"
             mnt.mkdir()
             self.drop_caches_ok = drop_caches()
-            tool.mount(mnt, self.work / f"cache-{tool.name}-{phase}")
+            tool.mount(mnt, self.work / f"cache-{prefix}-{phase}")
             try:
                 wl = MountWorkloads(self.ctx, mnt, prefix, tool.settle)
                 for w in names:
@@ -370,28 +393,40 @@ class Bench:
             },
             "tools": {},
         }
+        tools = []
         for name in self.args.tools:
             tool = make_tool(name, self.args, self.janitor, self.endpoint, self.logs)
             reason = tool.missing()
             if reason:
                 log(f"[{name}] skipped: {reason}")
                 self.data["tools"][name] = {"skipped": reason, "results": {}}
-                continue
-            t0 = time.monotonic()
-            log(f"[{name}] start")
-            try:
-                self.data["tools"][name] = self.run_tool(tool)
-            except Exception as e:
-                log(f"[{name}] FAILED: {type(e).__name__}: {e}")
-                self.data["tools"][name] = {"error": f"{type(e).__name__}: {e}", "results": {}}
-            self.data["tools"][name]["wall_seconds"] = round(time.monotonic() - t0, 1)
-            if not self.args.keep_data:
-                delete_prefix(self.direct, f"t-{name}/")
+            else:
+                tools.append(tool)
+        rounds: dict[str, list[dict[str, Any]]] = {t.name: [] for t in tools}
+        for n in range(self.args.rounds):  # the tools take turns: a slow spell hits them all
+            for tool in tools:
+                prefix = f"t-{tool.name}" + (f"-r{n + 1}" if self.args.rounds > 1 else "")
+                rounds[tool.name].append(self._run_round(tool, prefix, n))
+        for tool in tools:
+            self.data["tools"][tool.name] = median_entry(rounds[tool.name])
         self.data["meta"]["drop_caches"] = self.drop_caches_ok
         self.data["meta"]["wall_seconds"] = round(
             (datetime.datetime.now().astimezone() - started).total_seconds(), 1
         )
         return self.data
+
+    def _run_round(self, tool: MountTool | Raw, prefix: str, n: int) -> dict[str, Any]:
+        t0 = time.monotonic()
+        log(f"[{tool.name}] start" + (f", round {n + 1}" if self.args.rounds > 1 else ""))
+        try:
+            entry = self.run_tool(tool, prefix)
+        except Exception as e:
+            log(f"[{tool.name}] FAILED: {type(e).__name__}: {e}")
+            entry = {"error": f"{type(e).__name__}: {e}", "results": {}}
+        entry["wall_seconds"] = round(time.monotonic() - t0, 1)
+        if not self.args.keep_data:
+            delete_prefix(self.direct, f"{prefix}/")
+        return entry
 
     def write_outputs(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.data, indent=2) + "\n")
@@ -420,6 +455,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "temporary directory inside it)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds to wait for written data to reach S3")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every tool this many times, taking turns, and report each "
+                    "workload's median")  # fmt: skip
     ap.add_argument("--keep-data", action="store_true",
                     help="keep each tool's objects in the server until the end")  # fmt: skip
     ap.add_argument("--s3mount-args", default="", help="extra options for s3mount mount")
@@ -436,6 +474,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for w in args.workloads:
         if w not in DESCRIPTIONS:
             ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out = ROOT / "bench" / "results" / f"{stamp}-{args.scale}-rtt{args.rtt_ms:g}ms"
