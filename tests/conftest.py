@@ -58,6 +58,23 @@ def s3_keys(storage: Storage, bucket: str) -> set[str]:
     return {k.key for k in storage.bucket_list_keys(bucket)}
 
 
+def append_line(path: Path, n: int) -> bytes:
+    """Append line ``n`` to a file as a logger does (open O_APPEND, write, close); returns it."""
+    line = b"line %d\n" % n
+    with open(path, "ab") as f:
+        f.write(line)
+    return line
+
+
+def sent_between(before: dict, after: dict) -> dict[str, int]:
+    """What a mount sent between two ``Mount.status()`` snapshots: requests by operation
+    (those that changed), plus ``bytes_in`` and ``bytes_out``."""
+    b = before["requests"]
+    sent = {k: v - b.get(k, 0) for k, v in after["requests"].items() if v != b.get(k, 0)}
+    sent.update({k: after[k] - before[k] for k in ("bytes_in", "bytes_out")})
+    return sent
+
+
 def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
     """Retry ``check`` (an assertion) until it passes: S3 sees an unlink moments after it
     returns, as the mount batches deletes in the background."""
