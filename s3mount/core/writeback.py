@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -32,12 +33,17 @@ class WriteBack:
         self.workers = workers
         self.records: dict[int, Record] = {}  # by id, in id order
         self._by_key: dict[str, dict[int, Record]] = {}
-        self._due: list[tuple[float, int]] = []  # heap of (next_try, id); stale ones skipped
+        # Each record waits in one place: in ``_due`` (a heap of (next_try, id); entries that
+        # no longer match their record are skipped) until it is due, then in ``_ready`` (ids,
+        # in order) for a worker, or in ``_waiting`` while an upload of its key is in flight.
+        self._due: list[tuple[float, int]] = []
+        self._ready: deque[int] = deque()
+        self._waiting: dict[str, list[int]] = {}
+        self._queued: set[int] = set()  # ids in _ready or _waiting
         for r in journal.records():
             self._index(r)
         self._uploading: set[str] = set()  # keys with an upload in flight
         self._urgent = 0  # > 0 while someone drains: ignore the delay
-        self._blocked: dict[int, Record] = {}  # due, but waiting for an upload or a worker
         self._changed = trio.Event()  # set whenever records or uploads change
         self.failures = 0
         self.last_error = ""
@@ -51,6 +57,8 @@ class WriteBack:
                 self._forget(old)
         record.next_try = trio.current_time() + self.delay
         self._index(record)
+        if self._urgent:
+            self._enqueue(record)
         self._notify()
 
     def pending_for(self, key: str) -> Record | None:
@@ -87,8 +95,7 @@ class WriteBack:
                 return key_or_prefix in self._by_key or key_or_prefix in self._uploading
             return any(k.startswith(key_or_prefix) for k in (*self._by_key, *self._uploading))
 
-        self._urgent += 1
-        self._notify()
+        self._hurry()
         try:
             while mine():
                 await self._wait_change()
@@ -97,8 +104,7 @@ class WriteBack:
 
     async def drain(self) -> None:
         """Upload everything journaled, now; return when the journal is empty."""
-        self._urgent += 1
-        self._notify()
+        self._hurry()
         try:
             while self.records or self._uploading:
                 await self._wait_change()
@@ -117,43 +123,35 @@ class WriteBack:
     # -- the background task ----------------------------------------------------------------
 
     async def run(self, upload: Uploader) -> None:
-        """Upload due records forever (started and cancelled by the daemon's lifecycle)."""
+        """Upload due records forever (started and cancelled by the daemon's lifecycle).
+
+        Each pass costs O(records that change state), never O(all records): a drain of
+        thousands of small files must not spend its CPU on bookkeeping."""
         limiter = trio.CapacityLimiter(self.workers)
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
-                # Due: old enough, or someone waits for it (failures keep their backoff).
-                # Records whose key is uploading wait for that upload: they are looked at
-                # again when it ends (it notifies).
-                if self._urgent:  # drains are rare: look at everything
-                    ready = [r for r in self.records.values()
-                             if r.next_try <= now or not r.attempts]  # fmt: skip
-                else:
-                    ready = []
-                    while self._due and self._due[0][0] <= now:
-                        _, rid = heapq.heappop(self._due)
-                        r = self.records.get(rid)
-                        if r is not None and r.next_try <= now:
-                            ready.append(r)
-                later: list[Record] = []
-                for r in ready:
-                    if r.key in self._uploading or limiter.available_tokens == 0:
-                        later.append(r)
+                while self._due and self._due[0][0] <= now:
+                    _, rid = heapq.heappop(self._due)
+                    r = self.records.get(rid)
+                    if r is not None and r.next_try <= now:
+                        self._enqueue(r)
+                while self._ready and limiter.available_tokens:
+                    rid = self._ready.popleft()
+                    r = self.records.get(rid)
+                    if r is None or (r.attempts and r.next_try > now):
+                        # Superseded, discarded or uploaded meanwhile; or it failed since it
+                        # was queued, and its retry waits in _due.
+                        self._queued.discard(rid)
                         continue
-                    await limiter.acquire_on_behalf_of(r.id)
+                    if r.key in self._uploading:  # it goes when that upload ends
+                        self._waiting.setdefault(r.key, []).append(rid)
+                        continue
+                    self._queued.discard(rid)
+                    await limiter.acquire_on_behalf_of(rid)
                     self._uploading.add(r.key)
                     nursery.start_soon(self._upload_one, upload, r, limiter)
-                self._blocked.update((r.id, r) for r in later if not self._urgent)
-                while self._due and (
-                    self._due[0][1] not in self.records
-                    or self.records[self._due[0][1]].next_try != self._due[0][0]
-                ):
-                    heapq.heappop(self._due)  # superseded, uploaded or rescheduled
-                if self._urgent:
-                    retries = [r.next_try for r in self.records.values() if r.next_try > now]
-                    wake = min(retries, default=now + 3600)
-                else:
-                    wake = self._due[0][0] if self._due else now + 3600
+                wake = self._due[0][0] if self._due else now + 3600
                 with trio.move_on_at(max(wake, now + 0.01)):
                     await self._wait_change()
 
@@ -177,10 +175,7 @@ class WriteBack:
             limiter.release_on_behalf_of(r.id)
             if r.key == DISCARDED:
                 self._forget(r)
-            for blocked in list(self._blocked.values()):  # they may go now
-                del self._blocked[blocked.id]
-                if blocked.id in self.records:
-                    heapq.heappush(self._due, (blocked.next_try, blocked.id))
+            self._ready.extend(self._waiting.pop(key, ()))  # newer versions of the key
             self._notify()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -200,8 +195,23 @@ class WriteBack:
 
     def _forget(self, r: Record) -> None:
         self._unindex(r)
-        self._blocked.pop(r.id, None)
+        self._queued.discard(r.id)
         self.journal.done(r)
+
+    def _enqueue(self, r: Record) -> None:
+        """The record is due: it waits for a worker now."""
+        if r.id not in self._queued:
+            self._queued.add(r.id)
+            self._ready.append(r.id)
+
+    def _hurry(self) -> None:
+        """Someone waits for uploads: every record not failed before is due at once (and,
+        while someone waits, every new one)."""
+        self._urgent += 1
+        for r in self.records.values():
+            if not r.attempts:
+                self._enqueue(r)
+        self._notify()
 
     def _notify(self) -> None:
         self._changed.set()
