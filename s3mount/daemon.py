@@ -157,6 +157,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(_stop_on_signals)
             nursery.start_soon(fs.writeback.run, fs.upload_record)
             nursery.start_soon(fs.deletes.run)
+            nursery.start_soon(fs.files.keep_spares)
             fs.background = nursery  # readahead fetches run here
             if metrics_listeners:
                 nursery.start_soon(serve_metrics, metrics_listeners, status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -171,3 +172,38 @@ def test_copy_on_write_runs_in_a_thread_and_changes_wait_for_it(
             cf.close()
 
     trio.run(main)
+
+
+def test_temp_files_are_made_ahead_in_a_thread_and_removed_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = FileCache(str(tmp_path / "c"))
+    made_in: set[str] = set()
+    make = filecache._make_temp
+
+    def recording_make(directory: str) -> tuple[int, str]:
+        made_in.add(threading.current_thread().name)
+        return make(directory)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.keep_spares)
+            fd, first = cache.temp_file()  # none made yet: made here, and a refill asked for
+            os.close(fd)
+            os.unlink(first)
+            for _ in range(100):
+                await trio.sleep(0.01)
+                if len(cache._spares) == filecache.SPARE_FILES:
+                    break
+            spares = {p for _, p in cache._spares}
+            fd, path = cache.temp_file()
+            assert path in spares and os.fstat(fd).st_size == 0
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+            os.close(fd)
+            os.unlink(path)
+            nursery.cancel_scope.cancel()
+
+    monkeypatch.setattr(filecache, "_make_temp", recording_make)
+    trio.run(main)
+    assert threading.main_thread().name in made_in and len(made_in) == 2  # and a worker's
+    assert os.listdir(tmp_path / "c") == []  # the unused spares went with the task

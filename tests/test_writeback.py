@@ -57,15 +57,16 @@ def test_close_returns_before_upload_and_sync_waits(mount_factory, bucket, stora
     (m / "dir").mkdir()
     (m / "dir" / "small.txt").write_text("small")
     # journaled, not uploaded: readers and listings already see the new data
-    assert "late.bin" not in s3_keys(storage, bucket)
+    assert s3_keys(storage, bucket) == set()
     assert (m / "late.bin").read_bytes() == payload
     assert sorted(os.listdir(m.path)) == ["dir", "late.bin"]
     st = m.status()
-    assert st["pending_uploads"] == 2 and st["pending_bytes"] == 300_005
+    assert st["pending_uploads"] == 3 and st["pending_bytes"] == 300_005  # and dir's marker
     r = run_cli("sync", str(m.path))
     assert r.returncode == 0, r.stderr
     assert s3_bytes(storage, bucket, "late.bin") == payload
     assert s3_bytes(storage, bucket, "dir/small.txt") == b"small"
+    assert s3_bytes(storage, bucket, "dir/") == b""
     assert m.status()["pending_uploads"] == 0
 
 
@@ -273,7 +274,7 @@ def test_symlinks_are_journaled_and_their_owner_and_times_cost_no_request(
     before = m.requests()
     assert run_cli("sync", str(m.path)).returncode == 0
     after = m.requests()
-    assert after.get("PutObject", 0) - before.get("PutObject", 0) == 1
+    assert after.get("PutObject", 0) - before.get("PutObject", 0) == 2  # zone/ and the link
     assert after.get("CopyObject", 0) == before.get("CopyObject", 0)
     assert s3_bytes(storage, bucket, "zone/link") == b"../Europe/Paris"
     m.unmount()
@@ -282,6 +283,41 @@ def test_symlinks_are_journaled_and_their_owner_and_times_cost_no_request(
     assert stat.S_ISLNK(st.st_mode)
     assert (st.st_uid, st.st_gid, st.st_mtime) == (1234, 5678, 1_600_000_000)
     assert os.readlink(link) == "../Europe/Paris"
+
+
+def test_directories_are_journaled_and_their_metadata_costs_no_request(
+    mount_factory, bucket, storage
+) -> None:
+    # mkdir, then chmod and utimens on the directory (tar, cp -a, rsync): one journal row
+    # and, later, one PUT of the marker with the final headers.  A directory removed before
+    # its upload costs no request at all.
+    m: Mount = mount_factory(bucket, "--write-back", "3600")
+    d = m / "d"
+    d.mkdir()
+    os.chmod(d, 0o700)
+    os.utime(d, ns=(1_600_000_000 * 10**9,) * 2)
+    (d / "sub").mkdir()
+    (d / "sub").rmdir()
+    (m / "gone").mkdir()
+    (m / "gone").rmdir()
+    assert s3_keys(storage, bucket) == set()
+    os.setxattr(m.path, "user.s3mount.invalidate", b"1")  # listings come from S3 again
+    assert os.listdir(m.path) == ["d"] and os.listdir(d) == []
+    st = os.stat(d)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    with pytest.raises(FileNotFoundError):
+        os.stat(m / "gone")
+    before = m.requests()
+    assert run_cli("sync", str(m.path)).returncode == 0
+    after = m.requests()
+    sent = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    assert sent == {"PutObject": 1}
+    assert s3_keys(storage, bucket) == {"d/"}
+    m.unmount()
+    m.mount()
+    st = os.stat(d)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert st.st_mtime == 1_600_000_000
 
 
 def test_ten_thousand_journal_entries_start_in_seconds(mount_factory, bucket, storage,

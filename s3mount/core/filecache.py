@@ -274,7 +274,7 @@ class CachedFile:
     async def _unshare(self, keep: int) -> None:
         """Copy-on-write: move to a private copy of the first ``keep`` bytes, copied by a
         worker thread (a big file takes a while; reads go on meanwhile, changes wait)."""
-        fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=os.path.dirname(self.path))
+        fd, path = _make_temp(os.path.dirname(self.path))
         src = os.dup(self.fd)  # valid for the thread whatever happens to self.fd
         try:
             await trio.to_thread.run_sync(_copy_head, src, fd, keep)
@@ -385,6 +385,11 @@ def _runs(blocks: Iterable[int], longest: int | None = None) -> list[tuple[int, 
 
 OPEN_PREFIX = "open-"  # a temp file that may hold unsaved data (recovered after a crash)
 KEPT_PREFIX = "kept-"  # a closed file's clean blocks, removed at start
+SPARE_FILES = 16  # empty temp files made ahead of the creates that need them
+
+
+def _make_temp(directory: str) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=OPEN_PREFIX, dir=directory)  # mode 0600
 
 
 class FileCache:
@@ -405,6 +410,43 @@ class FileCache:
                     os.unlink(os.path.join(directory, name))
         # Reads served from local blocks ("block_hits") or that waited for S3 ("block_misses").
         self.stats: Counter[str] = Counter()
+        # (fd, path) of empty temp files made by keep_spares' worker thread, which appends
+        # while the trio thread pops: both are atomic list operations.
+        self._spares: list[tuple[int, str]] = []
+        self._spares_low = trio.Event()
+
+    def temp_file(self) -> tuple[int, str]:
+        """A new empty temp file (fd, path), made ahead when possible: creating a file can
+        cost a few hundred microseconds of kernel time (ext4 after many deletes), which a
+        create(2) would otherwise wait for."""
+        if len(self._spares) <= SPARE_FILES // 2:
+            self._spares_low.set()
+        with contextlib.suppress(IndexError):
+            return self._spares.pop()
+        return _make_temp(self.directory)
+
+    async def keep_spares(self) -> None:
+        """Refill the spare temp files in a worker thread whenever they run low (run by the
+        daemon's lifecycle; the spares go when it is cancelled)."""
+        try:
+            while True:
+                await self._spares_low.wait()
+                self._spares_low = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(self._make_spares)
+                except OSError as exc:  # a full disk: creates make their own files, or fail
+                    log.debug("no spare temp files: %s", exc)
+                    await trio.sleep(1)
+        finally:
+            while self._spares:
+                fd, path = self._spares.pop()
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def _make_spares(self) -> None:
+        while len(self._spares) < SPARE_FILES:
+            self._spares.append(_make_temp(self.directory))
 
     def _cached_file(self, path: str, fd: int, key: str, size: int, etag: str | None,
                      fetch: Fetcher) -> CachedFile:  # fmt: skip
@@ -413,7 +455,7 @@ class FileCache:
         return cf
 
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:
-        fd, path = tempfile.mkstemp(prefix=OPEN_PREFIX, dir=self.directory)  # mode 0600
+        fd, path = self.temp_file()
         return self._cached_file(path, fd, key, size, etag, fetch)
 
     def from_data(self, key: str, record: Record, fetch: Fetcher) -> CachedFile:

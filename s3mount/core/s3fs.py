@@ -18,7 +18,6 @@ import logging
 import os
 import posixpath
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -331,13 +330,17 @@ class S3FS(KeySpace):
             walk.step()
 
     def _local_entries(self, dkey: str) -> Iterator[Entry]:
-        """Files open in this directory, and journaled ones: not in S3 yet, maybe."""
+        """Files open in this directory, and journaled files and directories: not in S3 yet,
+        maybe."""
         for record in list(self.writeback.records.values()):
             key = record.key
-            if key.startswith(dkey) and self.sep not in key[len(dkey) :] and key != dkey:
+            if not key.startswith(dkey) or key == dkey:
+                continue
+            name, _, below = key[len(dkey) :].partition(self.sep)
+            if not below:  # "dkey/name", or "dkey/name/": a directory's marker
                 newest = self.writeback.pending_for(key)
                 if newest is record and key not in self.files.files:
-                    yield self._record_entry(key[len(dkey) :], record)
+                    yield self._record_entry(name, record)
         for key, cf in self.files.files.items():
             if key.startswith(dkey) and self.sep not in key[len(dkey) :] and key != dkey:
                 yield Entry(
@@ -369,11 +372,21 @@ class S3FS(KeySpace):
             entry.meta or ObjectMeta(),
         )
 
-    @staticmethod
-    def _record_entry(name: str, record: Record) -> Entry:
+    def _record_entry(self, name: str, record: Record) -> Entry:
         meta = ObjectMeta(record.headers, record.content_type)
         mtime = (meta.mtime_ns or int(record.created * 1e9)) / 1e9
+        if self._is_marker(record.key):
+            return Entry(name, True, mtime=mtime, meta=meta)
         return Entry(name, False, record.size, mtime, record.base_etag, meta)
+
+    def _is_marker(self, key: str) -> bool:
+        """Whether a key is a directory's marker (``dir_key``) rather than a file's."""
+        return key.endswith(self.sep)
+
+    def _pending_for_path(self, key: str) -> Record | None:
+        """The newest journaled version of a path's object: its file, or its directory's
+        marker (made by mkdir in write-back mode)."""
+        return self.writeback.pending_for(key) or self.writeback.pending_for(key + self.sep)
 
     def _cf_mtime(self, cf: CachedFile) -> float:
         return cf.mtime_ns / 1e9 if cf.mtime_ns is not None else self.started
@@ -395,7 +408,7 @@ class S3FS(KeySpace):
         cf = self.files.files.get(key)
         if cf is not None:
             return self._cf_info(path, cf)
-        record = self.writeback.pending_for(key)
+        record = self._pending_for_path(key)
         if record is not None:
             return self._info(path, self._record_entry(posixpath.basename(path), record))
         parent, name = self.split(path)
@@ -510,11 +523,20 @@ class S3FS(KeySpace):
         headers = with_posix(
             {}, mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
         )
-        meta = await self._put_marker(dkey, headers)
-        entry = Entry(name, True, mtime=now / 1e9, meta=meta)
+        entry = await self._store_marker(dkey, name, headers)
         self.listings.set_entry(self.dir_key(parent), entry)
         self.listings.put(dkey, {})  # a new directory is empty: no LIST needed
         return self._info(path, entry)
+
+    async def _store_marker(self, dkey: str, name: str, headers: dict[str, str]) -> Entry:
+        """A directory's marker with new ``headers``, and the directory's entry: written now,
+        or in write-back mode journaled like a closed file (so mkdir, chmod and utimens do
+        not wait for S3, and those before the upload only change the journal row)."""
+        if self.write_back is not None:
+            return self._record_entry(name, self._journal_bytes(dkey, b"", headers,
+                                                                DIR_CONTENT_TYPE))  # fmt: skip
+        meta = await self._put_marker(dkey, headers)
+        return Entry(name, True, mtime=(meta.mtime_ns or time.time_ns()) / 1e9, meta=meta)
 
     async def _put_marker(self, dkey: str, headers: dict[str, str]) -> ObjectMeta:
         """Write a directory's marker object carrying its metadata."""
@@ -546,6 +568,7 @@ class S3FS(KeySpace):
             raise DirectoryNotEmpty(path)
         if entries or hidden:
             self.writeback.discard(dkey, prefix=True)
+            await self.writeback.settle(dkey, prefix=True)  # uploads in flight land first
             for key in [k for k in self.files.files if k.startswith(dkey)]:
                 self._forget_file(key)
             await self.deletes.flush(dkey)
@@ -554,8 +577,13 @@ class S3FS(KeySpace):
             )
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
-            await self.deletes.flush(dkey)  # a marker goes after what was below it
-            await self.run(self.storage.delete, self.s3name(dkey))
+            journaled, busy = self.writeback.pending_for(dkey), self.writeback.busy(dkey)
+            self.writeback.discard(dkey)
+            if busy:
+                await self.writeback.settle(dkey)  # the upload in flight lands first
+            if busy or journaled is None or journaled.attempts:  # else S3 never had it
+                await self.deletes.flush(dkey)  # a marker goes after what was below it
+                await self.run(self.storage.delete, self.s3name(dkey))
         parent, name = self.split(path)
         self.listings.remove_entry(self.dir_key(parent), name)
         self.listings.invalidate_tree(dkey)
@@ -787,6 +815,9 @@ class S3FS(KeySpace):
         if record.key != key:
             return  # unlinked meanwhile: the caller deletes the object
         meta = ObjectMeta(record.headers, info.content_type)
+        if self._is_marker(key):
+            self._marker_uploaded(key, record, meta)
+            return
         self.meta_cache.put(key, info.etag, None, meta)
         # What was the same as the old version below record.head is the same as the new one.
         for later in self.writeback.records_of(key):  # they build on it now
@@ -804,6 +835,13 @@ class S3FS(KeySpace):
             mtime = (meta.mtime_ns or time.time_ns()) / 1e9
             self.listings.set_entry(dkey, Entry(name, False, record.size, mtime, info.etag, meta))
         await self.confirm_key(key, info.etag)
+
+    def _marker_uploaded(self, dkey: str, record: Record, meta: ObjectMeta) -> None:
+        """A directory's journaled marker is in S3 (as _put_marker would have left it)."""
+        self.meta_cache.put(dkey, None, None, meta)
+        if self.writeback.pending_for(dkey) in (None, record):
+            parent, name = self.dir_key_of(dkey[: -len(self.sep)])
+            self.listings.set_entry(parent, self._record_entry(name, record))
 
     async def _changed_remotely(self, key: str, base_etag: str) -> bool:
         """Whether another client replaced the object since our change was based on it."""
@@ -1172,13 +1210,18 @@ class S3FS(KeySpace):
         if path == "/":
             return await self.getinfo(path)  # the bucket's root has no object to hold it
         key = self.key(path)
-        record = self.writeback.pending_for(key)
-        if record is not None and key not in self.files.files and not self.writeback.busy(key):
-            # Journaled and not uploading yet: the upload will carry the new metadata.
-            _, headers = await self._changed_headers(path, change)
-            self.journal.update_headers(record, headers)
-            return await self.getinfo(path)
-        await self.writeback.settle(key)  # metadata changes apply to what S3 has
+        record = self._pending_for_path(key)
+        if record is not None:
+            mkey = record.key  # the file's, or the directory's marker
+            if mkey not in self.files.files and not self.writeback.busy(mkey):
+                # Journaled and not uploading yet: the upload will carry the new metadata.
+                _, headers = await self._changed_headers(path, change)
+                self.journal.update_headers(record, headers)
+                return await self.getinfo(path)
+            await self.writeback.settle(mkey)  # metadata changes apply to what S3 has
+        for mkey in (key, key + self.sep):
+            if self.writeback.busy(mkey):  # an upload in flight, nothing journaled after it
+                await self.writeback.settle(mkey)
         cf = self.files.files.get(key)
         if cf is not None:
             async with cf.upload_lock:
@@ -1199,8 +1242,7 @@ class S3FS(KeySpace):
             return info  # e.g. tar's lchown to the owner the link already has: no request
         parent, name = self.split(path)
         if info.is_dir:
-            meta = await self._put_marker(self.dir_key(path), headers)
-            entry = Entry(name, True, mtime=time.time(), meta=meta)
+            entry = await self._store_marker(self.dir_key(path), name, headers)
         else:
             meta = ObjectMeta(headers, info.meta.content_type)
             result = await self._replace_object_meta(key, info.size, meta)
@@ -1269,7 +1311,7 @@ class S3FS(KeySpace):
 
     def _journal_bytes(self, key: str, body: bytes, headers: dict[str, str], ctype: str) -> Record:
         """Write-back mode: journal a new object from memory (uploaded later)."""
-        fd, tmp = tempfile.mkstemp(prefix="open-", dir=self.files.directory)
+        fd, tmp = self.files.temp_file()
         try:
             os.write(fd, body)
             record = self.journal.add(key, fd, tmp, len(body), headers, ctype, None, durable=False)
