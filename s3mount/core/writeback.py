@@ -42,7 +42,7 @@ class WriteBack:
         self._queued: set[int] = set()  # ids in _ready or _waiting
         for r in journal.records():
             self._index(r)
-        self._uploading: set[str] = set()  # keys with an upload in flight
+        self._uploading: dict[str, int] = {}  # key -> id of the record in flight
         self._urgent = 0  # > 0 while someone drains: ignore the delay
         self._changed = trio.Event()  # set whenever records or uploads change
         self.failures = 0
@@ -52,8 +52,9 @@ class WriteBack:
 
     def add(self, record: Record) -> None:
         """A new journaled version of a key: older records of that key are superseded."""
-        if record.key not in self._uploading:
-            for old in list(self._by_key.get(record.key, {}).values()):
+        in_flight = self._uploading.get(record.key)
+        for old in list(self._by_key.get(record.key, {}).values()):
+            if old.id != in_flight:
                 self._forget(old)
         record.next_try = trio.current_time() + self.delay
         self._index(record)
@@ -149,7 +150,7 @@ class WriteBack:
                         continue
                     self._queued.discard(rid)
                     await limiter.acquire_on_behalf_of(rid)
-                    self._uploading.add(r.key)
+                    self._uploading[r.key] = rid
                     nursery.start_soon(self._upload_one, upload, r, limiter)
                 wake = self._due[0][0] if self._due else now + 3600
                 with trio.move_on_at(max(wake, now + 0.01)):
@@ -171,7 +172,7 @@ class WriteBack:
         else:
             self._forget(r)
         finally:
-            self._uploading.discard(key)
+            self._uploading.pop(key, None)
             limiter.release_on_behalf_of(r.id)
             if r.key == DISCARDED:
                 self._forget(r)
