@@ -1025,7 +1025,7 @@ async def test_a_version_journaled_during_an_upload_builds_on_it(
         if line == b"one\n":
             first = fs.writeback.pending_for("big.log")
             assert first is not None and first.head == len(head)
-            fs.writeback._uploading.add("big.log")  # its upload is in flight: not superseded
+            fs.writeback._uploading["big.log"] = first.id  # in flight: not superseded
     second = fs.writeback.pending_for("big.log")
     assert second is not None and second.id != first.id and second.head == len(head)
 
