@@ -318,6 +318,14 @@ def test_directories_are_journaled_and_their_metadata_costs_no_request(
     st = os.stat(d)
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
     assert st.st_mtime == 1_600_000_000
+    e = m / "e"
+    e.mkdir()
+    assert run_cli("sync", str(m.path)).returncode == 0
+    os.chmod(e, 0o711)  # journaled again: S3 has the marker the row will replace
+    e.rmdir()  # so the marker must be deleted
+    d.rmdir()
+    assert run_cli("sync", str(m.path)).returncode == 0
+    assert s3_keys(storage, bucket) == set()
 
 
 def test_ten_thousand_journal_entries_start_in_seconds(mount_factory, bucket, storage,

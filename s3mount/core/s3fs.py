@@ -222,6 +222,7 @@ class S3FS(KeySpace):
         self.writeback = WriteBack(self.journal, write_back or 0.0, workers=max(2, threads // 2))
         self.recovered: list[str] = []  # data of files being written when a daemon died
         self._renaming: dict[str, trio.Event] = {}  # keys a rename is replacing right now
+        self._unsent_markers: set[str] = set()  # made by mkdir, journaled, not sent yet
         self.deletes = DeleteQueue(self._delete_keys, self._deletes_failed)
         self._recover_leftovers(unverified)
 
@@ -524,6 +525,8 @@ class S3FS(KeySpace):
             {}, mode=stat.S_IFDIR | stat.S_IMODE(mode), uid=uid, gid=gid, mtime_ns=now, ctime_ns=now
         )
         entry = await self._store_marker(dkey, name, headers)
+        if self.write_back is not None:
+            self._unsent_markers.add(dkey)
         self.listings.set_entry(self.dir_key(parent), entry)
         self.listings.put(dkey, {})  # a new directory is empty: no LIST needed
         return self._info(path, entry)
@@ -568,6 +571,7 @@ class S3FS(KeySpace):
             raise DirectoryNotEmpty(path)
         if entries or hidden:
             self.writeback.discard(dkey, prefix=True)
+            self._unsent_markers -= {k for k in self._unsent_markers if k.startswith(dkey)}
             await self.writeback.settle(dkey, prefix=True)  # uploads in flight land first
             for key in [k for k in self.files.files if k.startswith(dkey)]:
                 self._forget_file(key)
@@ -577,11 +581,14 @@ class S3FS(KeySpace):
             )
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
-            journaled, busy = self.writeback.pending_for(dkey), self.writeback.busy(dkey)
+            journaled = self.writeback.pending_for(dkey)
+            unsent = dkey in self._unsent_markers and journaled is not None
+            self._unsent_markers.discard(dkey)
+            busy = self.writeback.busy(dkey)
             self.writeback.discard(dkey)
             if busy:
                 await self.writeback.settle(dkey)  # the upload in flight lands first
-            if busy or journaled is None or journaled.attempts:  # else S3 never had it
+            if busy or not unsent or journaled.attempts:  # (a failed try may have landed)
                 await self.deletes.flush(dkey)  # a marker goes after what was below it
                 await self.run(self.storage.delete, self.s3name(dkey))
         parent, name = self.split(path)
@@ -839,6 +846,7 @@ class S3FS(KeySpace):
     def _marker_uploaded(self, dkey: str, record: Record, meta: ObjectMeta) -> None:
         """A directory's journaled marker is in S3 (as _put_marker would have left it)."""
         self.meta_cache.put(dkey, None, None, meta)
+        self._unsent_markers.discard(dkey)
         if self.writeback.pending_for(dkey) in (None, record):
             parent, name = self.dir_key_of(dkey[: -len(self.sep)])
             self.listings.set_entry(parent, self._record_entry(name, record))
