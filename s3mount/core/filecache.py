@@ -37,10 +37,11 @@ BLOCK = 1 * MiB
 MAX_READAHEAD = 64 * MiB
 FETCH_PART = 16 * MiB
 # Random reads (counted at jumps backward) that fetched 1/WHOLE_FILE_RATIO of a file start a
-# background fetch of all of it, FETCH_AHEAD at a time: it then costs a bounded multiple of
-# what the random reads were fetching anyway, and later reads find their blocks local.
+# background fetch of all of it, FETCH_ALL_PARTS parts in flight: it then costs a bounded
+# multiple of what the random reads were fetching anyway, and later reads find their blocks
+# local.
 WHOLE_FILE_RATIO = 32
-FETCH_AHEAD = 4 * FETCH_PART
+FETCH_ALL_PARTS = 6
 
 Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
@@ -229,15 +230,31 @@ class CachedFile:
         return todo
 
     async def _fetch_all(self) -> None:
-        """Fetch every block still missing, a window at a time (leaving threads for reads)."""
+        """Fetch every block still missing, a part at a time, FETCH_ALL_PARTS in flight (the
+        rest of the threads serve reads).  A part is claimed only when its GET starts, so a
+        read of a block further on fetches that block itself instead of waiting."""
+        slots = trio.Semaphore(FETCH_ALL_PARTS)
+
+        async def fetch_part(blocks: list[int]) -> None:
+            try:
+                await self._fetch_blocks(blocks)
+            finally:
+                slots.release()
+
         try:
-            for start in range(0, self.fetch_limit, FETCH_AHEAD):
-                if self.closed or self.open_count == 0:  # nobody reads it any more
-                    return
-                end = min(start + FETCH_AHEAD, self.fetch_limit)
-                await self._fetch_blocks(
-                    [b for b in self._missing_blocks(start, end) if b not in self._inflight]
-                )
+            async with trio.open_nursery() as nursery:
+                for start in range(0, self.fetch_limit, FETCH_PART):
+                    await slots.acquire()
+                    if self.closed or self.open_count == 0:  # nobody reads it any more
+                        slots.release()
+                        return
+                    end = min(start + FETCH_PART, self.fetch_limit)
+                    blocks = [b for b in self._missing_blocks(start, end)
+                              if b not in self._inflight]  # fmt: skip
+                    if blocks:
+                        nursery.start_soon(fetch_part, blocks)
+                    else:
+                        slots.release()
         except Exception as exc:  # the reads that need these blocks fetch them again
             log.debug("background fetch of %s failed: %s", self.key, exc)
         finally:
