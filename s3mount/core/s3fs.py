@@ -581,14 +581,17 @@ class S3FS(KeySpace):
             )
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
+            # S3 never had the marker if mkdir journaled it and no upload was tried (a failed
+            # one may have landed).
             journaled = self.writeback.pending_for(dkey)
-            unsent = dkey in self._unsent_markers and journaled is not None
+            unsent = journaled is not None and not journaled.attempts
+            unsent = unsent and dkey in self._unsent_markers
             self._unsent_markers.discard(dkey)
             busy = self.writeback.busy(dkey)
             self.writeback.discard(dkey)
             if busy:
                 await self.writeback.settle(dkey)  # the upload in flight lands first
-            if busy or not unsent or journaled.attempts:  # (a failed try may have landed)
+            if busy or not unsent:
                 await self.deletes.flush(dkey)  # a marker goes after what was below it
                 await self.run(self.storage.delete, self.s3name(dkey))
         parent, name = self.split(path)
