@@ -207,3 +207,48 @@ def test_temp_files_are_made_ahead_in_a_thread_and_removed_at_the_end(
     trio.run(main)
     assert threading.main_thread().name in made_in and len(made_in) == 2  # and a worker's
     assert os.listdir(tmp_path / "c") == []  # the unused spares went with the task
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_random_reads_fetch_the_whole_file_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eager: bool
+) -> None:
+    # A file of at most WHOLE_FILE_EAGER is fetched whole at its first backward miss; a
+    # bigger one once the random misses reach 1/WHOLE_FILE_RATIO of it.  Either way every
+    # block is fetched once, and the fetch stops at close.
+    data = os.urandom(40 * MiB)
+    monkeypatch.setattr(filecache, "WHOLE_FILE_EAGER", (40 if eager else 39) * MiB)
+    monkeypatch.setattr(filecache, "WHOLE_FILE_RATIO", 20)  # 2 misses of a 40 MiB file
+    asked: list[tuple[int, int]] = []
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        asked.append((start // MiB, -(-length // MiB)))
+        await trio.sleep(0.001)
+        return data[start : start + length]
+
+    async def main() -> None:
+        path = tmp_path / "open-1"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        cf = CachedFile(str(path), fd, "k", len(data), "etag", fetch)
+        cf.open_count = 1
+        try:
+            async with trio.open_nursery() as nursery:
+                spawn = nursery.start_soon
+                assert await cf.read(30 * MiB, 4096, spawn=spawn) == data[30 * MiB :][:4096]
+                assert (
+                    await cf.read(9 * MiB, 4096, spawn=spawn, random=True) == data[9 * MiB :][:4096]
+                )
+                await trio.sleep(0.2)
+                assert len(cf.present) == (40 if eager else 2)
+                assert (
+                    await cf.read(20 * MiB, 4096, spawn=spawn, random=True)
+                    == data[20 * MiB :][:4096]
+                )
+            assert len(cf.present) == 40
+            assert await cf.read(0, 40 * MiB) == data
+        finally:
+            cf.close()
+
+    trio.run(main)
+    fetched = [b for first, n in asked for b in range(first, first + n)]
+    assert sorted(fetched) == list(range(40))  # each block once

@@ -39,9 +39,11 @@ FETCH_PART = 16 * MiB
 # Random reads (counted at jumps backward) that fetched 1/WHOLE_FILE_RATIO of a file start a
 # background fetch of all of it, FETCH_ALL_PARTS parts in flight: it then costs a bounded
 # multiple of what the random reads were fetching anyway, and later reads find their blocks
-# local.
+# local.  A file of at most WHOLE_FILE_EAGER is fetched whole at its first random miss (as
+# s3fs-fuse does at its first read): a few seconds of transfer at most, stopped at close.
 WHOLE_FILE_RATIO = 32
-FETCH_ALL_PARTS = 6
+WHOLE_FILE_EAGER = 256 * MiB
+FETCH_ALL_PARTS = 4
 
 Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
@@ -193,7 +195,10 @@ class CachedFile:
         if missing and random:
             self._random_misses += len(missing)
             total = -(-self.fetch_limit // BLOCK)
-            far_enough = self._random_misses * WHOLE_FILE_RATIO >= total
+            far_enough = (
+                self._random_misses * WHOLE_FILE_RATIO >= total
+                or self.fetch_limit <= WHOLE_FILE_EAGER
+            )
             if far_enough and spawn is not None and not self._fetching_all:
                 self._fetching_all = True
                 spawn(self._fetch_all)
