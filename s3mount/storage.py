@@ -845,11 +845,30 @@ class Storage:
         options: WriteOptions | None = None,
         progress: ProgressCallback | None = None,
     ) -> ObjectInfo:
-        """Upload a local file: one PUT below the multipart threshold, parallel parts above."""
+        """Upload a local file: one PUT below the multipart threshold, parallel parts above.
+
+        Parts are read when they are sent (s3transfer given a file object would hold up to
+        10 parts in memory: 160 MiB with 16 MiB parts), through ``/proc/self/fd``, so the
+        upload is of the file as opened even if its name goes meanwhile."""
         b, k = self._where(remote_name)
+        options = options or WriteOptions()
         try:
             with open(local_name, "rb") as f:
-                return self.write_stream(f, remote_name, options, progress)
+                size = os.fstat(f.fileno()).st_size
+                conditional = options.if_match or options.if_none_match
+                if conditional or size < self.transfer.multipart_threshold:
+                    return self.write_stream(f, remote_name, options, progress)
+                if size > S3Facts.maximum_object_size:
+                    raise InvalidName(f"s3://{b}/{k}: larger than S3's 5 TiB object limit")
+                try:
+                    self._client.upload_file(
+                        f"/proc/self/fd/{f.fileno()}", b, k, ExtraArgs=options.extra_args(k),
+                        Callback=self._counting(progress, outgoing=True),
+                        Config=self._transfer_config(size),
+                    )  # fmt: skip
+                except Exception as exc:
+                    raise _classify(exc, f"put s3://{b}/{k}") from None
+            return self.head(remote_name)
         except StorageError:
             raise
         except OSError as exc:

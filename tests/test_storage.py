@@ -152,6 +152,24 @@ def test_file_round_trip(mp_storage: Storage, tmp_path: Path, big_data: bytes, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst.bin", "src.bin"]  # no temp left
 
 
+def test_a_multipart_file_upload_reads_the_file_as_opened(
+    s3_server, bucket: str, tmp_path: Path, big_data: bytes
+) -> None:
+    # Parts are read as they are sent (not held in memory ahead); one at a time here, so
+    # parts 2-4 are read after the name went: the upload still sends the opened file.
+    st = Storage(
+        ConnectionSettings(endpoint_url=s3_server.endpoint),
+        default_bucket=bucket,
+        transfer=TransferSettings(5 * MiB, 5 * MiB, max_concurrency=1),
+    )
+    src = tmp_path / "src.bin"
+    src.write_bytes(big_data)
+    info = st.write(str(src), "gone.bin", progress=lambda n: src.unlink(missing_ok=True))
+    assert not src.exists()
+    assert info.etag.endswith("-4")
+    assert st.client.get_object(Bucket=bucket, Key="gone.bin")["Body"].read() == big_data
+
+
 @pytest.mark.parametrize("size_name", ["empty", "small", "multipart"])
 def test_stream_round_trip(mp_storage: Storage, big_data: bytes, size_name: str):
     data = payload(size_name, big_data)
