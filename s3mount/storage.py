@@ -15,6 +15,7 @@ import mimetypes
 import os
 import random
 import re
+import stat
 import tempfile
 import threading
 from collections import Counter
@@ -845,30 +846,11 @@ class Storage:
         options: WriteOptions | None = None,
         progress: ProgressCallback | None = None,
     ) -> ObjectInfo:
-        """Upload a local file: one PUT below the multipart threshold, parallel parts above.
-
-        Parts are read when they are sent (s3transfer given a file object would hold up to
-        10 parts in memory: 160 MiB with 16 MiB parts), through ``/proc/self/fd``, so the
-        upload is of the file as opened even if its name goes meanwhile."""
+        """Upload a local file: one PUT below the multipart threshold, parallel parts above."""
         b, k = self._where(remote_name)
-        options = options or WriteOptions()
         try:
             with open(local_name, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                conditional = options.if_match or options.if_none_match
-                if conditional or size < self.transfer.multipart_threshold:
-                    return self.write_stream(f, remote_name, options, progress)
-                if size > S3Facts.maximum_object_size:
-                    raise InvalidName(f"s3://{b}/{k}: larger than S3's 5 TiB object limit")
-                try:
-                    self._client.upload_file(
-                        f"/proc/self/fd/{f.fileno()}", b, k, ExtraArgs=options.extra_args(k),
-                        Callback=self._counting(progress, outgoing=True),
-                        Config=self._transfer_config(size),
-                    )  # fmt: skip
-                except Exception as exc:
-                    raise _classify(exc, f"put s3://{b}/{k}") from None
-            return self.head(remote_name)
+                return self.write_stream(f, remote_name, options, progress)
         except StorageError:
             raise
         except OSError as exc:
@@ -885,6 +867,11 @@ class Storage:
 
         Integrity: botocore sends a CRC32 checksum with every PUT and part (flexible
         checksums), which S3 verifies before it stores the data.
+
+        Memory: a regular file read from its start goes to s3transfer as ``/proc/self/fd/N``,
+        so each part is read when it is sent (given a file object, s3transfer holds up to 10
+        parts in memory: 160 MiB with 16 MiB parts), and the upload is of the file as opened
+        even if its name goes meanwhile.
         """
         b, k = self._where(remote_name)
         options = options or WriteOptions()
@@ -917,14 +904,14 @@ class Storage:
                     version_id=r.get("VersionId"),
                     metadata=dict(options.metadata),
                 )
-            self._client.upload_fileobj(
-                stream,
-                b,
-                k,
-                ExtraArgs=extra,
-                Callback=callback,
-                Config=self._transfer_config(size),
-            )
+            config = self._transfer_config(size)
+            path = _whole_file_path(stream)
+            if path is not None:
+                self._client.upload_file(path, b, k, ExtraArgs=extra, Callback=callback,
+                                         Config=config)  # fmt: skip
+            else:
+                self._client.upload_fileobj(stream, b, k, ExtraArgs=extra, Callback=callback,
+                                            Config=config)  # fmt: skip
         except Exception as exc:
             raise _classify(exc, what) from None
         return self.head(remote_name)
@@ -1201,6 +1188,18 @@ def _s3key(c: dict[str, Any]) -> S3Key:
         storage_class=c.get("StorageClass") or "STANDARD",
         owner=S3Owner(owner.get("ID", ""), owner.get("DisplayName", "")) if owner else None,
     )
+
+
+def _whole_file_path(stream: IO[bytes]) -> str | None:
+    """A path that opens the same file as ``stream``, if it is a regular file read from its
+    start (``/proc/self/fd/N``: valid while ``stream`` is open); else None."""
+    try:
+        fd = stream.fileno()
+        if stream.tell() == 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"/proc/self/fd/{fd}"
+    except (OSError, ValueError):  # no descriptor (BytesIO), or not seekable
+        pass
+    return None
 
 
 def _remaining(stream: IO[bytes]) -> int | None:
