@@ -1221,18 +1221,19 @@ class S3FS(KeySpace):
         if path == "/":
             return await self.getinfo(path)  # the bucket's root has no object to hold it
         key = self.key(path)
-        record = self._pending_for_path(key)
-        if record is not None:
-            mkey = record.key  # the file's, or the directory's marker
-            if mkey not in self.files.files and not self.writeback.busy(mkey):
-                # Journaled and not uploading yet: the upload will carry the new metadata.
-                _, headers = await self._changed_headers(path, change)
-                self.journal.update_headers(record, headers)
-                return await self.getinfo(path)
-            await self.writeback.settle(mkey)  # metadata changes apply to what S3 has
+        record = self._pending_for_path(key)  # the file's, or the directory's marker
+        if (
+            record is not None
+            and record.key not in self.files.files
+            and not self.writeback.busy(record.key)
+        ):
+            # Journaled and not uploading yet: the upload will carry the new metadata.
+            _, headers = await self._changed_headers(path, change)
+            self.journal.update_headers(record, headers)
+            return await self.getinfo(path)
         for mkey in (key, key + self.sep):
-            if self.writeback.busy(mkey):  # an upload in flight, nothing journaled after it
-                await self.writeback.settle(mkey)
+            if self.writeback.pending_for(mkey) or self.writeback.busy(mkey):
+                await self.writeback.settle(mkey)  # metadata changes apply to what S3 has
         cf = self.files.files.get(key)
         if cf is not None:
             async with cf.upload_lock:
