@@ -402,7 +402,7 @@ class Operations(pyfuse3.Operations):
         return self._add_handle(ino, handle), self._attr(ino, info)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         return await self.handles[fh].pread(off, size)
 
     @fuse_errors

@@ -40,7 +40,10 @@ def test_readahead_without_background_fetches_each_block_once(tmp_path: Path) ->
     assert asked[0] == (0, 1)
 
 
-def test_closed_files_are_kept_by_etag_within_the_byte_budget(tmp_path: Path) -> None:
+def test_closed_files_are_kept_by_etag_within_the_byte_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filecache, "STREAMED_SHARE", 1)  # files are 2/5 of the budget
     objects = {k: os.urandom(2 * MiB) for k in ("a", "b", "c")}
     asked: list[str] = []
 
@@ -252,3 +255,59 @@ def test_random_reads_fetch_the_whole_file_in_the_background(
     trio.run(main)
     fetched = [b for first, n in asked for b in range(first, first + n)]
     assert sorted(fetched) == list(range(40))  # each block once
+
+
+def test_sequential_reads_stay_in_memory_and_a_change_stores_them_first(tmp_path: Path) -> None:
+    # A streamed read keeps what it fetches in memory, never in the local file, and drops it
+    # behind the reader; a write or a truncate first stores what is held, so that reads after
+    # it see old bytes, new bytes and zeros where they belong.
+    data = os.urandom(40 * MiB + 1234)  # a short last block
+    asked: list[int] = []
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        asked.extend(range(start // MiB, -(-(start + length) // MiB)))
+        await trio.sleep(0.001)
+        return data[start : start + length]
+
+    async def main() -> None:
+        path = tmp_path / "open-1"
+        cf = CachedFile(str(path), os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "k",
+                        len(data), "etag", fetch)  # fmt: skip
+        cf.hold_reads = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for off in range(0, 30 * MiB, MiB):
+                    got = await cf.read(off, MiB, 8 * MiB, nursery.start_soon)
+                    assert got == data[off : off + MiB]
+                    assert len(cf._held) <= filecache.HELD_BEHIND + 8 + 16 + 1
+                assert os.fstat(cf.fd).st_blocks == 0  # nothing went to the disk
+                assert 0 not in cf._held  # left behind the reader
+                await cf.write(31 * MiB - 5, b"new")  # in a held block (fetched ahead)
+            assert os.fstat(cf.fd).st_blocks > 0 and not cf._held
+            want = bytearray(data)
+            want[31 * MiB - 5 : 31 * MiB - 2] = b"new"
+            assert await cf.read(29 * MiB, 3 * MiB) == want[29 * MiB : 32 * MiB]
+
+            async with trio.open_nursery() as nursery:  # the tail, held again
+                for off in range(32 * MiB, len(data), MiB):
+                    got = await cf.read(off, MiB, 8 * MiB, nursery.start_soon)
+                    assert got == want[off : off + MiB]
+            assert len(data) // MiB in cf._held
+            await cf.truncate(len(data) + MiB)  # the short last block must not stay short
+            assert await cf.read(len(data) - 10, 20) == data[-10:] + bytes(10)
+        finally:
+            cf.close()
+
+    trio.run(main)
+    assert len(asked) == len(set(asked)) and 0 in asked and 40 in asked  # each block once
+
+
+def test_a_file_bigger_than_a_quarter_of_the_disk_cache_is_streamed(tmp_path: Path) -> None:
+    files = FileCache(str(tmp_path / "open"), keep_bytes=8 * MiB)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        return bytes(length)
+
+    assert not files.new("small", 2 * MiB, "e", fetch).hold_reads
+    assert files.new("big", 2 * MiB + 1, "e", fetch).hold_reads
+    assert FileCache(str(tmp_path / "none")).new("any", 1, "e", fetch).hold_reads

@@ -400,6 +400,34 @@ def test_cache_size_0_keeps_nothing(mount_factory, bucket: str, storage: Storage
     assert not [n for n in os.listdir(m.cache / "open") if n.startswith("kept-")]
 
 
+def test_a_streamed_read_stays_off_the_disk_and_a_write_into_it_lands(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    # Without a disk cache, what a sequential read fetches is served from memory and never
+    # written to the local file; a write in the middle of it still reads back and uploads.
+    m = mount_factory(bucket, "--cache-size", "0")
+    size = 40 * 1024 * 1024
+    data = os.urandom(size)
+    storage.client.put_object(Bucket=bucket, Key="s.bin", Body=data)
+
+    def on_disk() -> int:
+        return sum(e.stat().st_blocks * 512 for e in os.scandir(m.cache / "open"))
+
+    fd = os.open(m / "s.bin", os.O_RDWR)
+    try:
+        got = b"".join(os.pread(fd, 1 << 20, off) for off in range(0, 20 << 20, 1 << 20))
+        assert got == data[: 20 << 20]
+        assert on_disk() < 1 << 20
+        at = (24 << 20) - 3  # in what the readahead has fetched by now
+        assert os.pwrite(fd, b"written", at) == 7
+        want = data[:at] + b"written" + data[at + 7 :]
+        rest = b"".join(os.pread(fd, 1 << 20, off) for off in range(20 << 20, size, 1 << 20))
+        assert rest == want[20 << 20 :]
+    finally:
+        os.close(fd)
+    assert s3_bytes(storage, bucket, "s.bin") == want
+
+
 def test_unmount_uploads_and_remount_sees_everything(
     mount_factory, bucket: str, storage: Storage
 ) -> None:

@@ -4,6 +4,9 @@ An open file is a :class:`CachedFile`: a sparse local temporary file plus the se
 it that hold the object's data.  Blocks come from S3 only when a read needs them (ranged GETs
 pinned to the object's ETag, with sequential readahead) or when a write covers part of a block.
 Writes land in the local file and mark it dirty; the S3FS uploads it on flush/fsync/close.
+What a sequential read fetches can instead stay in memory (``hold_reads``): it is served from
+there and dropped once the reader is past it, so that streaming a big file does not also
+write it to the local disk (see :attr:`CachedFile._held`).
 When the last handle closes, a clean file's blocks are kept (up to a byte budget, least
 recently closed first out) so that opening the same version again costs no GET.
 All state changes happen in the trio thread; S3 fetches and the copying of what they bring
@@ -44,6 +47,12 @@ FETCH_PART = 16 * MiB
 WHOLE_FILE_RATIO = 32
 WHOLE_FILE_EAGER = 256 * MiB
 FETCH_ALL_PARTS = 4
+# Blocks a sequential reader has passed stay in memory this far behind it (the kernel's
+# readahead requests arrive a little out of order).
+HELD_BEHIND = FETCH_PART // BLOCK
+# Sequential reads of a file bigger than 1/STREAMED_SHARE of the disk cache for closed files
+# (all files when there is none) are held in memory instead of written to the local file.
+STREAMED_SHARE = 4
 
 Spawner = Callable[..., None]  # nursery.start_soon
 Fetcher = Callable[[int, int, str | None], Awaitable[bytes]]  # (start, length, etag) -> data
@@ -65,6 +74,11 @@ class CachedFile:
         # in S3 instead of sending them).
         self.same_below = size
         self.present: set[int] = set()
+        # Sequential reads keep what they fetch in memory, not in the local file: a block of
+        # object data -> (the fetched run, the run's offset).  Never a block in `present`;
+        # only while fetch_limit == size; any change to the file first stores them.
+        self.hold_reads = False
+        self._held: dict[int, tuple[memoryview, int]] = {}
         self._inflight: dict[int, trio.Event] = {}
         self._storing: dict[int, trio.Event] = {}  # blocks a worker thread is writing
         self._unsharing: trio.Event | None = None  # set while _unshare copies the file
@@ -89,29 +103,40 @@ class CachedFile:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _missing_blocks(self, start: int, end: int) -> list[int]:
+    def _missing_blocks(self, start: int, end: int, held_ok: bool = True) -> list[int]:
+        """Blocks of [start, end) that S3 still has to bring (``held_ok``: those in memory
+        count as here; else only those in the local file do)."""
         end = min(end, self.fetch_limit)
         if end <= start:
             return []
-        return [b for b in range(start // BLOCK, (end - 1) // BLOCK + 1) if b not in self.present]
+        return [
+            b
+            for b in range(start // BLOCK, (end - 1) // BLOCK + 1)
+            if b not in self.present and not (held_ok and b in self._held)
+        ]
 
-    async def ensure(self, start: int, end: int) -> None:
-        """Make bytes [start, end) of the object present in the local file."""
+    async def ensure(self, start: int, end: int, hold: bool = False) -> None:
+        """Make bytes [start, end) of the object present in the local file (``hold``: or in
+        memory, where what is fetched stays)."""
         while True:
             if self.closed:  # released meanwhile: nothing can be stored any more
                 return
-            missing = self._missing_blocks(start, end)
+            missing = self._missing_blocks(start, end, held_ok=hold)
             if not missing:
                 return
-            waiting = [self._inflight[b] for b in missing if b in self._inflight]
-            todo = [b for b in missing if b not in self._inflight]
+            to_store = [b for b in missing if b in self._held and b not in self._storing]
+            if to_store:
+                await self._store_held(to_store)
+                continue
+            busy = [self._inflight.get(b, self._storing.get(b)) for b in missing]
+            todo = [b for b in missing if b not in self._inflight and b not in self._held]
             if todo:
-                await self._fetch_blocks(todo)
-            elif waiting:
-                await waiting[0].wait()
+                await self._fetch_blocks(todo, hold)
+            elif waits := [ev for ev in busy if ev is not None]:
+                await waits[0].wait()
 
-    async def _fetch_blocks(self, blocks: list[int]) -> None:
-        await self._fetch_claimed(self._claim(blocks))
+    async def _fetch_blocks(self, blocks: list[int], hold: bool = False) -> None:
+        await self._fetch_claimed(self._claim(blocks), hold)
 
     def _claim(self, blocks: list[int]) -> dict[int, trio.Event]:
         """Mark blocks in flight (at once, so that readers arriving meanwhile wait for them)."""
@@ -119,11 +144,11 @@ class CachedFile:
         self._inflight.update(events)
         return events
 
-    async def _fetch_claimed(self, events: dict[int, trio.Event]) -> None:
+    async def _fetch_claimed(self, events: dict[int, trio.Event], hold: bool = False) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 for first, count in _runs(events, FETCH_PART // BLOCK):
-                    nursery.start_soon(self._fetch_run, first, count)
+                    nursery.start_soon(self._fetch_run, first, count, hold)
         except ExceptionGroup as group:
             raise first_leaf(group) from None
         finally:
@@ -131,7 +156,7 @@ class CachedFile:
                 self._inflight.pop(b, None)
                 ev.set()
 
-    async def _fetch_run(self, first: int, count: int) -> None:
+    async def _fetch_run(self, first: int, count: int, hold: bool = False) -> None:
         start = first * BLOCK
         length = min(count * BLOCK, self.fetch_limit - start)
         if length <= 0:
@@ -143,7 +168,13 @@ class CachedFile:
         # Store what arrived, except blocks written (or truncated away) meanwhile: one
         # pwrite per run of wanted blocks (slices of a memoryview copy nothing).
         end = min(len(data), self.fetch_limit - start)
-        wanted = [b for b in range(first, first + count) if b not in self.present]
+        run = range(first, first + count)
+        wanted = [b for b in run if b not in self.present and b not in self._held]
+        fits = all((b - first) * BLOCK < end for b in wanted)  # else: zeros past its end
+        if hold and fits and self.fetch_limit == self.size:
+            for b in wanted:
+                self._held[b] = (data[:end], start)
+            return
         pieces = []
         for b, n in _runs(wanted):
             lo, hi = (b - first) * BLOCK, min((b - first + n) * BLOCK, end)
@@ -164,11 +195,57 @@ class CachedFile:
         try:
             await trio.to_thread.run_sync(_pwrite_all, fd, pieces)
             self.present.update(blocks)
+            for b in blocks:
+                self._held.pop(b, None)
         finally:
             os.close(fd)
             for b in blocks:
                 del self._storing[b]
             done.set()
+
+    async def _store_held(self, blocks: list[int]) -> None:
+        """Write held blocks into the local file (they then leave memory)."""
+        pieces = []
+        for b in blocks:
+            run, start = self._held[b]
+            lo = b * BLOCK - start
+            pieces.append((run[lo : lo + BLOCK], b * BLOCK))
+        await self._store(blocks, pieces)
+
+    async def _store_all_held(self) -> None:
+        """Before the local file changes: what is held goes into it, so that nothing in
+        memory can be stale or shorter than its block afterwards."""
+        while held := [b for b in self._held if b not in self._storing]:
+            await self._store_held(held)
+        await self._settle(0)
+
+    def _drop_held(self, below: float = math.inf) -> None:
+        for b in [b for b in self._held if b < below]:
+            del self._held[b]
+
+    def _bytes(self, off: int, end: int) -> bytes | memoryview:
+        """Bytes [off, end) from memory and the local file; a slice of one fetched run
+        when they all come from it (no copy)."""
+        if not self._held:
+            return os.pread(self.fd, end - off, off)
+        pieces: list[tuple[memoryview | None, int, int]] = []  # (run or None: file, lo, hi)
+        pos = off
+        while pos < end:
+            b = pos // BLOCK
+            stop = min(end, (b + 1) * BLOCK)
+            run, start = self._held.get(b, (None, 0))
+            lo, hi = pos - start, stop - start
+            if pieces and pieces[-1][0] is run and pieces[-1][2] == lo:
+                pieces[-1] = (run, pieces[-1][1], hi)
+            else:
+                pieces.append((run, lo, hi))
+            pos = stop
+        if len(pieces) == 1 and pieces[0][0] is not None:
+            run, lo, hi = pieces[0]
+            return run[lo:hi]
+        return b"".join(
+            os.pread(self.fd, hi - lo, lo) if run is None else run[lo:hi] for run, lo, hi in pieces
+        )
 
     async def _settle(self, first: int, last: float = math.inf) -> None:
         """Wait until no block from ``first`` to ``last`` is being stored by a worker thread.
@@ -183,10 +260,11 @@ class CachedFile:
         readahead: int = 0,
         spawn: Spawner | None = None,
         random: bool = False,
-    ) -> bytes:
+    ) -> bytes | memoryview:
         """Bytes [off, off+size); then fetch up to ``readahead`` bytes beyond, in the
         background when ``spawn`` is given, once less than half of that window is present.
-        ``random``: the reader jumped back (see WHOLE_FILE_RATIO)."""
+        ``random``: the reader jumped back (see WHOLE_FILE_RATIO).  With ``hold_reads``,
+        what a sequential read fetches stays in memory; a slice of it may be returned."""
         end = min(off + size, self.size)
         if end <= off:
             return b""
@@ -202,16 +280,17 @@ class CachedFile:
             if far_enough and spawn is not None and not self._fetching_all:
                 self._fetching_all = True
                 spawn(self._fetch_all)
+        hold = self.hold_reads and not random and not self._fetching_all
         ahead = self._ahead(off, end, readahead) if readahead else []
         if ahead and spawn is not None:
             # Before waiting: the read's own missing blocks lead the first GET of the window.
-            spawn(self._prefetch, self._claim(ahead))
-        await self.ensure(off, end)
+            spawn(self._prefetch, self._claim(ahead), hold)
+        await self.ensure(off, end, hold)
         if ahead and spawn is None:  # no background: the window now, its own blocks are here
-            await self._fetch_blocks(
-                [b for b in ahead if b not in self.present and b not in self._inflight]
-            )
-        return os.pread(self.fd, end - off, off)
+            still = set(self._missing_blocks(off, end + readahead)) - self._inflight.keys()
+            await self._fetch_blocks([b for b in ahead if b in still], hold)
+        self._drop_held(below=off // BLOCK - HELD_BEHIND)
+        return self._bytes(off, end)
 
     def _ahead(self, off: int, end: int, readahead: int) -> list[int]:
         """What a sequential read [off, end) should fetch: nothing while at least half of
@@ -240,9 +319,9 @@ class CachedFile:
         read of a block further on fetches that block itself instead of waiting."""
         slots = trio.Semaphore(FETCH_ALL_PARTS)
 
-        async def fetch_part(blocks: list[int]) -> None:
+        async def fetch_part(start: int, end: int) -> None:
             try:
-                await self._fetch_blocks(blocks)
+                await self.ensure(start, end)
             finally:
                 slots.release()
 
@@ -254,10 +333,10 @@ class CachedFile:
                         slots.release()
                         return
                     end = min(start + FETCH_PART, self.fetch_limit)
-                    blocks = [b for b in self._missing_blocks(start, end)
+                    blocks = [b for b in self._missing_blocks(start, end, held_ok=False)
                               if b not in self._inflight]  # fmt: skip
                     if blocks:
-                        nursery.start_soon(fetch_part, blocks)
+                        nursery.start_soon(fetch_part, start, end)
                     else:
                         slots.release()
         except Exception as exc:  # the reads that need these blocks fetch them again
@@ -265,9 +344,9 @@ class CachedFile:
         finally:
             self._fetching_all = False
 
-    async def _prefetch(self, claimed: dict[int, trio.Event]) -> None:
+    async def _prefetch(self, claimed: dict[int, trio.Event], hold: bool = False) -> None:
         try:
-            await self._fetch_claimed(claimed)
+            await self._fetch_claimed(claimed, hold)
         except Exception as exc:  # a reader that needs these blocks fetches them again
             log.debug("readahead of %s failed: %s", self.key, exc)
 
@@ -312,6 +391,7 @@ class CachedFile:
         self.fd, self.path = fd, path
 
     async def write(self, off: int, data: bytes) -> int:
+        await self._store_all_held()
         end = off + len(data)
         # Only blocks the write covers partially need their old bytes.
         edges = {off // BLOCK, (end - 1) // BLOCK} if data else set()
@@ -327,12 +407,14 @@ class CachedFile:
         if data:
             self.present.update(range(off // BLOCK, (end - 1) // BLOCK + 1))
         self.size = max(self.size, off + n)
+        self._drop_held()  # fetched during the awaits above: a cache, dropped to stay simple
         self._changed()
         if self.stream is not None:
             self.stream.wrote(off, off + n)
         return n
 
     async def truncate(self, size: int) -> None:
+        await self._store_all_held()
         if size < self.fetch_limit and size % BLOCK:
             await self.ensure(size - size % BLOCK, size)  # keep the head of the cut block
         await self._settle(size // BLOCK)
@@ -341,6 +423,7 @@ class CachedFile:
         self.same_below = min(self.same_below, size)
         os.ftruncate(self.fd, size)
         self.size = size
+        self._drop_held()
         self._changed()
         if self.stream is not None:
             self.stream.truncated(size)
@@ -371,6 +454,7 @@ class CachedFile:
 
     def close(self) -> None:
         self.closed = True  # a background fetch still in flight must not write any more
+        self._held.clear()
         with contextlib.suppress(OSError):
             os.close(self.fd)
         with contextlib.suppress(OSError):
@@ -474,6 +558,9 @@ class FileCache:
                      fetch: Fetcher) -> CachedFile:  # fmt: skip
         cf = CachedFile(path, fd, key, size, etag, fetch)
         cf.stats = self.stats
+        # A file that the disk cache cannot keep, or that would push out most of it, is
+        # streamed through memory when read in order (the kernel caches its pages anyway).
+        cf.hold_reads = size * STREAMED_SHARE > self.keep_bytes
         return cf
 
     def new(self, key: str, size: int, etag: str | None, fetch: Fetcher) -> CachedFile:

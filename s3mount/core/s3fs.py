@@ -1612,7 +1612,7 @@ class OpenFile:
         self._readahead = 0
         self.closed = False
 
-    async def pread(self, off: int, size: int) -> bytes:
+    async def pread(self, off: int, size: int) -> bytes | memoryview:
         # The kernel sends its readahead requests concurrently and slightly out of order:
         # a read is sequential if it starts near where the requests so far have got to (or
         # a little behind it), counted when they arrive, not when they are answered.
@@ -1660,7 +1660,7 @@ class OpenFile:
     async def read(self, size: int = -1) -> bytes:
         if size < 0:
             size = max(self.cf.size - self.pos, 0)
-        data = await self.pread(self.pos, size)
+        data = bytes(await self.pread(self.pos, size))
         self.pos += len(data)
         return data
 
