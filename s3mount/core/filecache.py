@@ -172,8 +172,9 @@ class CachedFile:
         wanted = [b for b in run if b not in self.present and b not in self._held]
         fits = all((b - first) * BLOCK < end for b in wanted)  # else: zeros past its end
         if hold and fits and self.fetch_limit == self.size:
+            held = data[:end]  # one view for all its blocks: reads across them slice it
             for b in wanted:
-                self._held[b] = (data[:end], start)
+                self._held[b] = (held, start)
             return
         pieces = []
         for b, n in _runs(wanted):
