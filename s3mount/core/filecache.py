@@ -216,9 +216,11 @@ class CachedFile:
     async def _store_all_held(self) -> None:
         """Before the local file changes: what is held goes into it, so that nothing in
         memory can be stale or shorter than its block afterwards."""
-        while held := [b for b in self._held if b not in self._storing]:
-            await self._store_held(held)
-        await self._settle(0)
+        while self._held:
+            if to_store := [b for b in self._held if b not in self._storing]:
+                await self._store_held(to_store)
+            else:  # another task is storing them
+                await self._storing[next(iter(self._held))].wait()
 
     def _drop_held(self, below: float = math.inf) -> None:
         for b in [b for b in self._held if b < below]:
@@ -288,8 +290,8 @@ class CachedFile:
             spawn(self._prefetch, self._claim(ahead), hold)
         await self.ensure(off, end, hold)
         if ahead and spawn is None:  # no background: the window now, its own blocks are here
-            still = set(self._missing_blocks(off, end + readahead)) - self._inflight.keys()
-            await self._fetch_blocks([b for b in ahead if b in still], hold)
+            here = self.present | self._held.keys() | self._inflight.keys()
+            await self._fetch_blocks([b for b in ahead if b not in here], hold)
         self._drop_held(below=off // BLOCK - HELD_BEHIND)
         return self._bytes(off, end)
 
