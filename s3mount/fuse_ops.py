@@ -78,6 +78,7 @@ class Inode:
     path: str | None  # None once unlinked (it may still be open)
     lookups: int = 0
     handles: set[int] = field(default_factory=set)
+    direct: set[int] = field(default_factory=set)  # the handles that bypass the page cache
 
 
 @dataclass
@@ -369,19 +370,29 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _add_handle(self, ino: int, handle: OpenFile) -> pyfuse3.FileInfo:
+    def _add_handle(self, ino: int, handle: OpenFile, flags: int) -> pyfuse3.FileInfo:
+        """Register ``handle``; a write-only open of a file no one else has open bypasses the
+        kernel's page cache (``direct_io``), and so does every open of the file after it while
+        it is open: a program streaming a file out fills no pages it will not read, and the
+        kernel holds no page a direct write could leave stale (docs/semantics.md, open)."""
+        rec = self.inodes[ino]
+        direct = bool(rec.direct) or (flags & os.O_ACCMODE == os.O_WRONLY and not rec.handles)
         fh = self._new_fh()
         self.handles[fh] = handle
         self._handle_inode[fh] = ino
-        self.inodes[ino].handles.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+        rec.handles.add(fh)
+        if direct:
+            rec.direct.add(fh)
+        # Without keep_cache the kernel drops the file's cached pages at this open.
+        keep = handle.keep_cache and not direct
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=direct)
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         path = self._path(inode)
         write = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         handle = await self.fs.open_file(path, write=write, truncate=bool(flags & os.O_TRUNC))
-        return self._add_handle(inode, handle)
+        return self._add_handle(inode, handle, flags)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
@@ -399,7 +410,7 @@ class Operations(pyfuse3.Operations):
         info = handle.info()
         ino = self._inode_for(path)
         self.inodes[ino].lookups += 1
-        return self._add_handle(ino, handle), self._attr(ino, info)
+        return self._add_handle(ino, handle, flags), self._attr(ino, info)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -424,6 +435,7 @@ class Operations(pyfuse3.Operations):
         rec = self.inodes.get(ino)
         if rec is not None:
             rec.handles.discard(fh)
+            rec.direct.discard(fh)
             self._maybe_drop(ino)
         await handle.close()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import filecmp
+import mmap
 import os
 import random
 import stat
@@ -426,6 +428,62 @@ def test_a_streamed_read_stays_off_the_disk_and_a_write_into_it_lands(
     finally:
         os.close(fd)
     assert s3_bytes(storage, bucket, "s.bin") == want
+
+
+def page_cache_bytes(fd: int) -> int | None:
+    """How much of the file behind ``fd`` the kernel's page cache holds: cachestat(2), which
+    needs Linux 6.5 (None before)."""
+    out = ctypes.create_string_buffer(40)  # struct cachestat: five u64, nr_cache first
+    whole = ctypes.create_string_buffer(16)  # struct cachestat_range {0, 0}: the whole file
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(451, fd, whole, out, 0) != 0:  # 451: cachestat on x86-64 and arm64
+        if ctypes.get_errno() == errno.ENOSYS:
+            return None
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return int.from_bytes(out.raw[:8], "little") * mmap.PAGESIZE
+
+
+def test_a_file_written_out_is_not_cached_twice_and_readers_stay_coherent(
+    mnt: Mount, storage: Storage
+) -> None:
+    # A write-only open (cp, tar, rsync, dd) bypasses the kernel's page cache: the bytes are
+    # in the daemon's temp file already.  A read-write open writes through the page cache.
+    size = 8 << 20
+    data = os.urandom(size)
+    for name, mode, cached in (("out.bin", "wb", 0), ("rw.bin", "w+b", size)):
+        with open(mnt / name, mode) as f:
+            f.write(data)
+            f.flush()
+            assert page_cache_bytes(f.fileno()) in (None, cached)
+        assert s3_bytes(storage, mnt.bucket, name) == data
+        assert (mnt / name).read_bytes() == data
+
+    # tail -f: a reader opened while the writer works sees every append and every overwrite.
+    w = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    r = os.open(mnt / "log", os.O_RDONLY)
+    try:
+        os.write(w, b"one\n")
+        assert os.read(r, 100) == b"one\n"
+        os.write(w, b"two\n")
+        assert os.read(r, 100) == b"two\n"
+        os.pwrite(w, b"ONE\n", 0)
+        assert os.pread(r, 100, 0) == b"ONE\ntwo\n"
+    finally:
+        os.close(w)
+        os.close(r)
+    # A writer that opens while a reader holds cached pages writes through the page cache.
+    r = os.open(mnt / "log", os.O_RDONLY)
+    try:
+        assert os.pread(r, 100, 0) == b"ONE\ntwo\n"
+        w = os.open(mnt / "log", os.O_WRONLY)
+        try:
+            os.pwrite(w, b"uno\n", 0)
+            assert os.pread(r, 100, 0) == b"uno\ntwo\n"
+        finally:
+            os.close(w)
+    finally:
+        os.close(r)
+    assert s3_bytes(storage, mnt.bucket, "log") == b"uno\ntwo\n"
 
 
 def test_unmount_uploads_and_remount_sees_everything(
