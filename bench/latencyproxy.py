@@ -39,7 +39,7 @@ MAX_PIECES = 128  # pipes waiting per direction: 2 descriptors each
 
 
 class _Piece:
-    """Bytes waiting in a pipe (``n`` of them), or the end of a stream (``n == 0``)."""
+    """A chunk of a stream waiting in a pipe of its own: ``n`` bytes."""
 
     def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_CLOEXEC)

@@ -7,6 +7,7 @@ process exits.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -86,6 +87,7 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; then upload dirty data and return."""
     check_mountpoint(cfg.mountpoint)
+    _limit_malloc_arenas()
     storage = Storage(cfg.connection, default_bucket=cfg.bucket, transfer=cfg.transfer)
     try:
         if not await trio.to_thread.run_sync(storage.bucket_exists, cfg.bucket):
@@ -185,6 +187,21 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
 
 
 READ_AHEAD_KB = 1024  # the largest read request the kernel sends us (256 pages)
+
+
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _limit_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc arenas, not one per thread up to 8 per core.  A fetched or
+    uploaded part (16 MiB) is allocated in one worker thread's arena and freed by another
+    thread, and freed memory stays in its arena: with 16 workers a read's peak RSS varied
+    from 228 to 295 MiB, with two arenas 185-202 MiB (docs/benchmarks.md).  Called before
+    any worker thread starts; a no-op on a libc without mallopt."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 def _set_read_ahead(dev: int) -> None:
