@@ -186,9 +186,6 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             log.info("unmounted %s", cfg.mountpoint)
 
 
-READ_AHEAD_KB = 1024  # the largest read request the kernel sends us (256 pages)
-
-
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
@@ -202,6 +199,9 @@ def _limit_malloc_arenas() -> None:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+
+
+READ_AHEAD_KB = 1024  # the largest read request the kernel sends us (256 pages)
 
 
 def _set_read_ahead(dev: int) -> None:
