@@ -47,6 +47,20 @@ class _Piece:
             fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, CHUNK)
         self.n = 0
 
+    @classmethod
+    def receive(cls, src: socket.socket) -> _Piece | None:
+        """The next chunk of ``src`` in a pipe of its own (waiting for it); None at EOF.
+        Whoever holds a piece closes it."""
+        piece = cls()
+        try:
+            if piece.fill(src):
+                return piece
+        except BaseException:
+            piece.close()
+            raise
+        piece.close()
+        return None
+
     def fill(self, src: socket.socket) -> int:
         """Move what ``src`` has (at least 1 byte, waiting for it) into the pipe; 0 at EOF."""
         self.n = os.splice(src.fileno(), self.w, CHUNK)
@@ -152,22 +166,12 @@ class _Pair:
             piece.close()
 
     def _read(self, src: socket.socket, line: _DelayLine) -> None:
-        """Each chunk gets a pipe of its own; whoever holds a piece closes it."""
         try:
-            while True:
-                piece = _Piece()
-                try:
-                    got = piece.fill(src)
-                except BaseException:
-                    piece.close()
-                    raise
-                if not got:
-                    piece.close()
-                    line.put(None)
-                    return
+            while (piece := _Piece.receive(src)) is not None:
                 if not line.put(piece):
                     piece.close()
                     return
+            line.put(None)
         except OSError:
             self.abort()
 
