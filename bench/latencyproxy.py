@@ -210,13 +210,16 @@ class LatencyProxy:
         return self
 
     def stop(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         if self._thread is None:
             self._close_all()
-            return
-        with contextlib.suppress(OSError):
+        else:
             os.write(self._wake_w, b"x")
-        self._thread.join(5)
+            self._thread.join(5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def serve_forever(self) -> None:
         """Forward connections until ``stop``; then close them all."""
@@ -244,9 +247,6 @@ class LatencyProxy:
         self._pairs.clear()
         self._sel.close()
         self._listener.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _accept(self) -> None:
         while True:
