@@ -166,3 +166,64 @@ def test_latency_proxy_adds_the_round_trip(rtt_ms: float) -> None:
     finally:
         proxy.stop()
         srv.close()
+
+
+def test_latency_proxy_keeps_concurrent_connections_apart() -> None:
+    """Its one thread serves many connections at once; each gets back exactly its bytes,
+    also when the other ends close or reset theirs meanwhile."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=64)
+
+    def echo_all() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+
+            def echo(conn: socket.socket = conn) -> None:
+                with conn:
+                    try:
+                        while data := conn.recv(65536):
+                            conn.sendall(data)
+                    except OSError:
+                        pass
+
+            threading.Thread(target=echo, daemon=True).start()
+
+    threading.Thread(target=echo_all, daemon=True).start()
+    proxy = LatencyProxy(srv.getsockname()[1], rtt_ms=4).start()
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            payload = os.urandom((i + 1) * 300_000)
+            with socket.create_connection(("127.0.0.1", proxy.port)) as c:
+                if i % 4 == 3:  # a client that gives up early: reset its connection
+                    c.sendall(payload[:1000])
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    return
+                sender = threading.Thread(target=c.sendall, args=(payload,))
+                sender.start()
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = c.recv(1 << 20)
+                    assert chunk, "connection closed early"
+                    got += chunk
+                sender.join()
+                c.shutdown(socket.SHUT_WR)
+                assert c.recv(1) == b""  # the end of the stream comes through too
+                assert bytes(got) == payload
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        proxy.stop()
+        srv.close()
