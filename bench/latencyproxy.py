@@ -273,13 +273,14 @@ class LatencyProxy:
             as_dst.blocked = False
             self._send(as_dst, now)
         if mask & selectors.EVENT_READ and as_src.reading and not pair.closed:
+            due = now + self.delay
             try:
-                received = as_src.receive(now + self.delay)
+                received = as_src.receive(due)
             except OSError:  # a reset: drop everything, reset the other end too
                 self._drop(pair, reset=True)
                 return
             if received:
-                heapq.heappush(self._timers, (now + self.delay, next(self._seq), as_src))
+                heapq.heappush(self._timers, (due, next(self._seq), as_src))
                 self._watch(pair)
 
     def _send(self, direction: _Direction, now: float) -> None:
