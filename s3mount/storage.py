@@ -471,6 +471,11 @@ class Storage:
                 max_pool_connections=s.max_pool_connections,
                 s3={"addressing_style": "path" if s.path_style else "auto"},
                 signature_version="s3v4",
+                # A fixed User-Agent: botocore otherwise rebuilds its long default one twice
+                # per request, and checks every request's parameters against the model (our
+                # requests are built by this module): together 10-15% of a small PUT's CPU.
+                user_agent=_user_agent(),
+                parameter_validation=False,
             )
             kwargs: dict[str, Any] = {"config": config, "use_ssl": s.tls}
             if endpoint:
@@ -1163,6 +1168,17 @@ class Storage:
 class ListPage:
     keys: list[S3Key]
     prefixes: list[str]
+
+
+def _user_agent() -> str:
+    import platform
+
+    import botocore
+
+    from s3mount import __version__
+
+    python = platform.python_version()
+    return f"s3mount/{__version__} botocore/{botocore.__version__} python/{python}"
 
 
 def _no_expect_for_small_bodies(params: dict[str, Any], **_: Any) -> None:
