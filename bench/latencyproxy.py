@@ -19,6 +19,10 @@ cores to the clients and the server being measured:
   connection in thread start-up and switches, about a third of what moto spends on a small
   PUT.
 
+Out of file descriptors, it stops taking new connections until one closes; the clients
+wait in the listen backlog.  A chunk that finds no descriptor for its pipe resets its
+connection (a client retries).
+
 Run it alone::
 
     python -m bench.latencyproxy --listen-port 9001 --upstream 127.0.0.1:9000 --rtt-ms 20
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
 import fcntl
 import heapq
 import itertools
@@ -44,6 +49,9 @@ import time
 CHUNK = 1 << 20
 MAX_BUFFERED = 64 << 20
 MAX_PIECES = 128  # pipes waiting per direction: 2 descriptors each
+
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _Piece:
@@ -193,6 +201,8 @@ class LatencyProxy:
         self.port = self._listener.getsockname()[1]
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._stopping = False
+        self._listening = False  # not while out of descriptors, until a connection closes
+        self._unconnected: collections.deque[socket.socket] = collections.deque()
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         self._watching: dict[socket.socket, int] = {}  # socket -> events registered
@@ -223,7 +233,7 @@ class LatencyProxy:
 
     def serve_forever(self) -> None:
         """Forward connections until ``stop``; then close them all."""
-        self._sel.register(self._listener, selectors.EVENT_READ)
+        self._set_listening(True)
         self._sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping:
@@ -245,26 +255,51 @@ class LatencyProxy:
         for pair in list(self._pairs):
             pair.close()
         self._pairs.clear()
+        while self._unconnected:
+            self._unconnected.popleft().close()
         self._sel.close()
         self._listener.close()
 
     def _accept(self) -> None:
-        while True:
+        while self._listening:
             try:
                 client, _ = self._listener.accept()
-            except OSError:  # none waiting (or out of descriptors: the client retries)
+            except BlockingIOError:  # none waiting
                 return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._set_listening(False)
+                    return
+                continue  # that client went away before we took it
+            self._unconnected.append(client)
+            self._connect_waiting()
+
+    def _connect_waiting(self) -> None:
+        """Connect accepted clients upstream; out of descriptors, stop listening (it would
+        stay readable: a busy loop) until a connection closes.  Clients wait meanwhile."""
+        while self._unconnected:
             try:
                 upstream = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._set_listening(False)
+                    return
+                self._unconnected.popleft().close()
                 continue
-            pair = _Pair(client, upstream)
+            pair = _Pair(self._unconnected.popleft(), upstream)
             for s in pair.socks:
                 s.setblocking(False)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._pairs.add(pair)
             self._watch(pair)
+
+    def _set_listening(self, on: bool) -> None:
+        if on != self._listening:
+            if on:
+                self._sel.register(self._listener, selectors.EVENT_READ)
+            else:
+                self._sel.unregister(self._listener)
+            self._listening = on
 
     def _ready(self, pair: _Pair, sock: socket.socket, mask: int) -> None:
         now = time.monotonic()
@@ -315,6 +350,9 @@ class LatencyProxy:
                 self._sel.unregister(s)
         pair.close(reset)
         self._pairs.discard(pair)
+        if not self._listening:
+            self._connect_waiting()
+            self._set_listening(not self._unconnected)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -168,29 +169,34 @@ def test_latency_proxy_adds_the_round_trip(rtt_ms: float) -> None:
         srv.close()
 
 
-def test_latency_proxy_keeps_concurrent_connections_apart() -> None:
-    """Its one thread serves many connections at once; each gets back exactly its bytes,
-    also when the other ends close or reset theirs meanwhile."""
+def echo_server() -> socket.socket:
+    """A local TCP server echoing every connection, one thread each; close it to stop."""
     srv = socket.create_server(("127.0.0.1", 0), backlog=64)
 
-    def echo_all() -> None:
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def serve() -> None:
         while True:
             try:
                 conn, _ = srv.accept()
             except OSError:
                 return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
-            def echo(conn: socket.socket = conn) -> None:
-                with conn:
-                    try:
-                        while data := conn.recv(65536):
-                            conn.sendall(data)
-                    except OSError:
-                        pass
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
 
-            threading.Thread(target=echo, daemon=True).start()
 
-    threading.Thread(target=echo_all, daemon=True).start()
+def test_latency_proxy_keeps_concurrent_connections_apart() -> None:
+    """Its one thread serves many connections at once; each gets back exactly its bytes,
+    also when the other ends close or reset theirs meanwhile."""
+    srv = echo_server()
     proxy = LatencyProxy(srv.getsockname()[1], rtt_ms=4).start()
     errors: list[BaseException] = []
 
@@ -227,3 +233,42 @@ def test_latency_proxy_keeps_concurrent_connections_apart() -> None:
     finally:
         proxy.stop()
         srv.close()
+
+
+def test_latency_proxy_waits_when_out_of_descriptors() -> None:
+    """With its descriptors used up, the proxy stops polling its listener instead of
+    spinning on it, and takes the waiting clients once connections close."""
+    srv = echo_server()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "bench.latencyproxy", "--upstream",
+         f"127.0.0.1:{srv.getsockname()[1]}", "--rtt-ms", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)),
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", proxy.stdout.readline()).group(1))
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
+        time.sleep(0.5)  # it accepts what it can: about a dozen connections
+        before = cpu_seconds(proxy.pid)
+        time.sleep(1.0)
+        assert cpu_seconds(proxy.pid) - before < 0.3  # idle, not polling a listener it can't serve
+        for c in clients[:25]:
+            c.close()
+        time.sleep(1.0)  # it drops their pairs, and takes the rest from the backlog
+        for i, c in enumerate(clients[25:]):
+            c.settimeout(10)
+            c.sendall(b"ping %d" % i)
+            assert c.recv(64) == b"ping %d" % i
+        assert proxy.poll() is None
+    finally:
+        for c in clients:
+            c.close()
+        proxy.terminate()
+        proxy.wait(10)
+        srv.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
