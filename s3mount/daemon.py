@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyfuse3
 import trio
@@ -88,7 +88,11 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; then upload dirty data and return."""
     check_mountpoint(cfg.mountpoint)
     _limit_malloc_arenas()
-    storage = Storage(cfg.connection, default_bucket=cfg.bucket, transfer=cfg.transfer)
+    # A pooled connection for every thread that may send a request: the programs' and the
+    # write-back uploads' (S3FS runs each on --threads threads).
+    pool = max(cfg.connection.max_pool_connections, 2 * cfg.threads)
+    connection = replace(cfg.connection, max_pool_connections=pool)
+    storage = Storage(connection, default_bucket=cfg.bucket, transfer=cfg.transfer)
     try:
         if not await trio.to_thread.run_sync(storage.bucket_exists, cfg.bucket):
             raise MountError(f"bucket {cfg.bucket} does not exist")
