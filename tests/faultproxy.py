@@ -9,6 +9,7 @@ connection (moto answers ``Connection: close`` anyway).  Faults are queued per r
         proxy.fail_next(1, "reset")    # then one connection reset
         proxy.delay = 0.5              # every forwarded request waits half a second first
         proxy.down = True              # full outage: every connection is reset on accept
+        proxy.hold("PUT")              # PUTs wait (counted in ``held``) until release()
 
 Modes: ``"503"`` reads the whole request, then answers ``503 Slow Down`` with S3's XML error;
 ``"reset"`` reads the whole request, then closes with SO_LINGER 0 (the client sees a reset);
@@ -16,7 +17,8 @@ Modes: ``"503"`` reads the whole request, then answers ``503 Slow Down`` with S3
 ``fail_next(n, mode, skip=k)`` lets ``k`` requests pass first.
 
 Counters: ``requests`` (requests read, faulted ones included), ``forwarded``, ``faults``
-(faults injected), ``refused`` (connections dropped while ``down``), and ``seen``, a list of
+(faults injected), ``refused`` (connections dropped while ``down``), ``held`` (requests
+waiting now because of ``hold``), and ``seen``, a list of
 ``(method, path, outcome)`` for each request.
 """
 
@@ -155,6 +157,9 @@ class FaultProxy:
         self.forwarded = 0
         self.faults = 0
         self.refused = 0
+        self.held = 0
+        self._hold: set[str] = set()
+        self._released = threading.Condition()  # guards _hold and held
         self.seen: list[tuple[str, str, str]] = []
         self._queue: collections.deque[str | None] = collections.deque()
         self._lock = threading.Lock()
@@ -183,12 +188,24 @@ class FaultProxy:
         with self._lock:
             self._queue.extend([None] * skip + [mode] * n)
 
+    def hold(self, *methods: str) -> None:
+        """Keep requests of these HTTP methods waiting, unanswered, until ``release``."""
+        with self._released:
+            self._hold.update(methods)
+
+    def release(self) -> None:
+        """Forward the held requests, and hold no more."""
+        with self._released:
+            self._hold.clear()
+            self._released.notify_all()
+
     def clear(self) -> None:
-        """Drop the queued faults, and end an outage and a delay."""
+        """Drop the queued faults, and end an outage, a delay and a hold."""
         with self._lock:
             self._queue.clear()
         self.down = False
         self.delay = 0.0
+        self.release()
 
     @property
     def pending(self) -> int:
@@ -329,6 +346,14 @@ class FaultProxy:
         if mode == "close":
             return
         if self.delay > 0 and self._stopping.wait(self.delay):
+            return
+        with self._released:
+            if req.method in self._hold:
+                self.held += 1
+                while req.method in self._hold and not self._stopping.is_set():
+                    self._released.wait(0.1)
+                self.held -= 1
+        if self._stopping.is_set():
             return
         self._forward(conn, req)
 

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -193,6 +194,42 @@ def test_outage_queues_writes_and_uploads_after(proxied_wb, storage) -> None:
     for i in range(5):
         written = s3_bytes(storage, m.bucket, f"during{i}.txt")
         assert written == f"written during the outage {i}".encode()
+
+
+def test_reads_and_lookups_do_not_wait_behind_uploads(proxied_wb, storage) -> None:
+    """Uploads stuck in S3 hold every write-back worker; the programs' reads, listings and
+    new files go on, on threads of their own."""
+    m, proxy = proxied_wb
+    old = os.urandom(300_000)
+    storage.client.put_object(Bucket=m.bucket, Key="old/data.bin", Body=old)
+    proxy.hold("PUT")
+    for i in range(40):
+        (m / f"new{i}.txt").write_text(f"new {i}")  # journaled; their uploads hang in S3
+    wait_for(lambda: proxy.held >= 16)  # every upload worker (--threads 16) is waiting
+    results: list[object] = []
+
+    def program() -> None:
+        try:
+            results.append(sorted(os.listdir(m / "old")))
+            results.append((m / "old" / "data.bin").read_bytes() == old)
+            (m / "new-after.txt").write_text("one more")
+            results.append(proxy.held)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results.append(exc)
+
+    t = threading.Thread(target=program, daemon=True)
+    t.start()
+    t.join(60)
+    proxy.release()
+    assert len(results) == 3 and not isinstance(results[-1], BaseException), results
+    listing, same, held = results
+    assert listing == ["data.bin"] and same
+    assert held >= 16  # the uploads were still held while the program ran
+    r = run_cli("sync", str(m.path))
+    assert r.returncode == 0, r.stderr
+    for i in range(40):
+        assert s3_bytes(storage, m.bucket, f"new{i}.txt") == f"new {i}".encode()
+    assert s3_bytes(storage, m.bucket, "new-after.txt") == b"one more"
 
 
 def test_rewrites_upload_only_the_last_version(mount_factory, bucket, storage) -> None:
