@@ -243,11 +243,11 @@ def test_latency_proxy_waits_when_out_of_descriptors() -> None:
         [sys.executable, "-m", "bench.latencyproxy", "--upstream",
          f"127.0.0.1:{srv.getsockname()[1]}", "--rtt-ms", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)),
     )  # fmt: skip
     clients: list[socket.socket] = []
     try:
         port = int(re.search(r"127\.0\.0\.1:(\d+)", proxy.stdout.readline()).group(1))
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (32, 32))  # before any client
         clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]
         time.sleep(0.5)  # it accepts what it can: about a dozen connections
         before = cpu_seconds(proxy.pid)
