@@ -7,7 +7,6 @@ process exits.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import pyfuse3
 import trio
 
+from s3mount import malloc
 from s3mount.core.s3fs import S3FS
 from s3mount.fuse_ops import MountOptions, Operations
 from s3mount.metrics import ErrorCounter, serve_metrics
@@ -87,7 +87,7 @@ def fuse_options(cfg: MountConfig) -> set[str]:
 async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted or signalled; then upload dirty data and return."""
     check_mountpoint(cfg.mountpoint)
-    _limit_malloc_arenas()
+    malloc.tune()
     # A pooled connection for every thread that may send a request: the programs' and the
     # write-back uploads' (S3FS runs each on --threads threads).
     pool = max(cfg.connection.max_pool_connections, 2 * cfg.threads)
@@ -164,6 +164,7 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
             nursery.start_soon(fs.writeback.run, fs.upload_record)
             nursery.start_soon(fs.deletes.run)
             nursery.start_soon(fs.files.keep_spares)
+            nursery.start_soon(malloc.release_when_idle, storage.counter.bytes_moved)
             fs.background = nursery  # readahead fetches run here
             if metrics_listeners:
                 nursery.start_soon(serve_metrics, metrics_listeners, status)
@@ -188,21 +189,6 @@ async def serve(cfg: MountConfig, on_ready: Callable[[], None]) -> None:
                             len(fs.writeback.records))  # fmt: skip
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", cfg.mountpoint)
-
-
-MALLOC_ARENAS = 2
-M_ARENA_MAX = -8  # glibc's mallopt parameter
-
-
-def _limit_malloc_arenas() -> None:
-    """At most MALLOC_ARENAS glibc arenas, not one per thread up to 8 per core.  A fetched or
-    uploaded part (16 MiB) is allocated in one worker thread's arena and freed by another
-    thread, and freed memory stays in its arena: with 16 workers a read's peak RSS varied
-    from 228 to 295 MiB, with two arenas 185-202 MiB (docs/benchmarks.md).  Called before
-    any worker thread starts; a no-op on a libc without mallopt."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_ARENA_MAX, MALLOC_ARENAS)
 
 
 READ_AHEAD_KB = 1024  # the largest read request the kernel sends us (256 pages)

@@ -403,6 +403,9 @@ class RequestCounter:
             else:
                 self.bytes_in += n
 
+    def bytes_moved(self) -> int:
+        return self.bytes_in + self.bytes_out
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
