@@ -247,6 +247,38 @@ def test_a_walk_samples_each_directory_before_the_program_gets_there(
     assert stat.S_IMODE(os.stat(m / "tree/a/f0").st_mode) == 0o644
 
 
+def test_a_walk_asks_no_metadata_of_directories_without_a_marker(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    # Directories that exist only as key prefixes have no object to HEAD: a flat listing
+    # shows which ones have a marker, and only those (and the files) are sampled.
+    for i in range(3):
+        for j in range(3):
+            for k in range(2):
+                storage.client.put_object(Bucket=bucket, Key=f"imp/a{i}/b{j}/f{k}", Body=b"x")
+    storage.client.put_object(Bucket=bucket, Key="imp/a0/m/", Body=b"",
+                              Metadata={"mode": str(0o40700)})  # fmt: skip
+    m = mount_factory(bucket, "--listing-ttl", "60")
+    os.stat(m / "imp")
+    before = m.requests().get("HeadObject", 0)
+    out = subprocess.run(["find", str(m / "imp")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1 + 3 + 9 + 18 + 1
+
+    # imp's sample (one subdirectory's marker: none; one HEAD below the plain root), a0's
+    # (its only unknown entry, the marker of m), and one file of each of the nine leaf
+    # directories.  Before, a1 and a2 cost a HEAD each, and a0's single sample HEAD could
+    # pick a directory without a marker over m, and show m with the defaults.
+    def sampled() -> None:
+        assert m.requests().get("HeadObject", 0) - before == 1 + 1 + 9
+
+    eventually(sampled)
+    time.sleep(0.5)  # no more come
+    assert m.requests().get("HeadObject", 0) - before == 1 + 1 + 9
+    assert stat.S_IMODE(os.stat(m / "imp/a0/m").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(m / "imp/a1").st_mode) == 0o755
+
+
 def test_first_byte_before_whole_object(mnt: Mount, storage: Storage) -> None:
     size = 50 * 1024 * 1024
     storage.client.put_object(Bucket=mnt.bucket, Key="big50", Body=os.urandom(size))

@@ -31,6 +31,9 @@ class Entry:
     mtime: float = 0.0  # LastModified of the object (of the marker, for a directory)
     etag: str | None = None
     meta: ObjectMeta | None = None  # user metadata, once a HEAD or the cache told it
+    # A directory: whether a marker object holds its metadata (False: a flat listing showed
+    # none, it exists only as a key prefix; None: not known, as from a delimiter listing).
+    marker: bool | None = None
 
 
 @dataclass
@@ -89,12 +92,16 @@ class TreeGatherer:
     past a directory's range, its listing is complete.  ``feed`` returns the directories
     completed by a page, ``finish`` the rest (``root`` itself is never returned: its own
     delimiter listing is what readers asked for).
+
+    A flat listing also shows which subdirectories have a marker object (``Entry.marker``):
+    those without one have no metadata to ask S3 for.
     """
 
     def __init__(self, root: str, sep: str = "/"):
         self.root = root
         self.sep = sep
         self._open: dict[str, tuple[dict[str, Entry], list[int]]] = {}  # dir key -> entries
+        self._markers: set[str] = set()  # dir keys below root whose marker object was listed
 
     def _dir(self, dkey: str) -> tuple[dict[str, Entry], list[int]]:
         found = self._open.get(dkey)
@@ -117,7 +124,8 @@ class TreeGatherer:
                 entries, hidden = self._dir(dkey)
                 name = parts[-1]
                 if name == "":
-                    continue  # the directory's own marker object
+                    self._markers.add(dkey)  # the directory's own marker object
+                    continue
                 if not usable_name(name):
                     hidden[0] += 1
                 elif not (name in entries and entries[name].is_dir):  # a directory wins
@@ -134,6 +142,11 @@ class TreeGatherer:
 
     def _close(self, dkey: str) -> tuple[str, dict[str, Entry], int]:
         entries, hidden = self._open.pop(dkey)
+        for e in entries.values():  # every key below dkey has been seen: markers too
+            if e.is_dir:
+                sub = dkey + e.name + self.sep
+                e.marker = sub in self._markers
+                self._markers.discard(sub)
         return dkey, entries, hidden[0]
 
 
