@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -379,6 +380,52 @@ async def test_listdir_options(make_fs, storage, bucket):
         await fs.listdir("d/a.txt")
     with pytest.raises(ResourceNotFound):
         await fs.listdir("nowhere")
+
+
+@trio_test
+async def test_a_walk_far_behind_does_not_hold_up_the_directories_a_program_lists(
+    make_fs, storage, bucket
+):
+    # A walk of the whole bucket (started by ls of the top, or lookups in two top-level
+    # directories) can be pages away from the tree a program lists next (ls -R zzz).  The
+    # program's directories wait for one more page of the walk at most, then list
+    # themselves and start a walk of their own.  Here the bucket walk stalls after its
+    # second page.
+    for i in range(6):
+        put(storage, bucket, f"aaa/x{i}")
+    for d in range(3):
+        for j in range(2):
+            put(storage, bucket, f"zzz/d{d}/f{j}")
+    fs = make_fs(metadata="listing")
+    real_list_pages = storage.list_pages
+    release = threading.Event()
+
+    def list_pages(bucket_: str, prefix: str, delimiter: str | None = None, **kw: Any):
+        if prefix or delimiter:
+            yield from real_list_pages(bucket_, prefix, delimiter, **kw)
+            return
+        for n, page in enumerate(real_list_pages(bucket_, prefix, page_size=2)):
+            if n == 1:
+                time.sleep(0.3)
+            elif n >= 2:
+                release.wait(30)  # stalled until the test ends
+            yield page
+
+    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            fs.background = nursery
+            assert await fs.listdir("/") == ["aaa", "zzz"]  # ls of the top: a walk of it all
+            assert "" in fs._walks
+            with trio.fail_after(10):
+                assert await fs.listdir("zzz") == ["d0", "d1", "d2"]
+                assert await fs.listdir("zzz/d2") == ["f0", "f1"]
+            assert fs.listings.get("zzz/d1/") is not None  # from zzz's own walk
+            fs.background = None
+            nursery.cancel_scope.cancel()
+    finally:
+        release.set()
+        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
 
 
 @trio_test

@@ -146,7 +146,7 @@ KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync c
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity
 class _Walk:
     """A flat listing of the subtree below ``root`` in progress (see S3FS._walk)."""
 
@@ -166,6 +166,10 @@ class _Walk:
             and dkey != self.root
             and (self.last < dkey or self.last.startswith(dkey))
         )
+
+    def reached(self, dkey: str) -> bool:
+        """Whether this walk's pages have got to ``dkey`` (a directory below its root)."""
+        return self.last >= dkey
 
 
 class S3FS(KeySpace):
@@ -240,8 +244,11 @@ class S3FS(KeySpace):
         through it: a ``readdir`` of a directory with subdirectories (``ls -R``, ``find``),
         or lookups in a second subdirectory of one directory (``stat`` of many paths); a
         lookup along one path (``cat a/b/c``) lists only the directories on it.  A directory
-        a walk is about to complete waits for it."""
+        that a walk has got to waits for the walk to complete it; one the walk has not got
+        to yet waits for one more page at most (the walk may be far behind: the walk of a
+        whole bucket, pages away from the directory a program now reads)."""
         dkey = self.dir_key(path)
+        waited: list[_Walk] = []
         while True:
             listing = self.listings.get(dkey)
             if listing is not None:
@@ -251,8 +258,10 @@ class S3FS(KeySpace):
             if pending is not None:
                 await pending.wait()
                 continue
-            walk = next((w for w in self._walks.values() if w.will_list(dkey)), None)
-            if walk is not None:
+            walk = max((w for w in self._walks.values() if w.will_list(dkey)),
+                       key=lambda w: len(w.root), default=None)  # fmt: skip
+            if walk is not None and (walk.reached(dkey) or walk not in waited):
+                waited.append(walk)
                 await walk.progress.wait()
                 continue
             done = self._listing_inflight[dkey] = trio.Event()
@@ -282,12 +291,16 @@ class S3FS(KeySpace):
             return listing
 
     def _maybe_walk(self, dkey: str, listing: DirListing) -> None:
-        """Start a walk of ``dkey``'s subtree unless one covers it or it has < 2 subdirs."""
+        """Start a walk of ``dkey``'s subtree unless it has < 2 subdirs or a walk covering
+        it has got to it (one that has not yet goes on: this one lists the subtree now)."""
         subdirs = sum(1 for e in listing.entries.values() if e.is_dir)
         if (
             subdirs > 1
             and self.background is not None
-            and not any(dkey.startswith(w.root) for w in self._walks.values())
+            and not any(
+                dkey.startswith(w.root) and (w.root == dkey or w.reached(dkey))
+                for w in self._walks.values()
+            )
         ):
             self._lookups_below.pop(dkey, None)
             self._walks[dkey] = walk = _Walk(dkey)
