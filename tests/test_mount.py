@@ -247,6 +247,34 @@ def test_a_walk_samples_each_directory_before_the_program_gets_there(
     assert stat.S_IMODE(os.stat(m / "tree/a/f0").st_mode) == 0o644
 
 
+def test_a_walk_samples_only_the_trees_a_program_goes_through(
+    mount_factory, bucket: str, storage: Storage
+) -> None:
+    # Lookups in two top-level directories start a walk of the whole bucket: it lists every
+    # directory, but no program is going through them, so none gets its sample HEAD until
+    # a readdir of their tree says one is.
+    for d in range(20):
+        storage.client.put_object(Bucket=bucket, Key=f"many/d{d:02d}/f", Body=b"x")
+    storage.client.put_object(Bucket=bucket, Key="one/x", Body=b"x")
+    m = mount_factory(bucket, "--listing-ttl", "60")
+    os.stat(m / "one" / "x")
+    os.stat(m / "many" / "d00" / "f")  # a second top-level directory: a walk of it all
+    time.sleep(0.5)  # the walk's page comes meanwhile
+    before = m.requests()
+    assert os.listdir(m / "many" / "d07") == ["f"]  # listed by the walk
+    time.sleep(1)
+    after = m.requests()
+    assert after.get("ListObjectsV2", 0) == before.get("ListObjectsV2", 0), after
+    assert after.get("HeadObject", 0) - before.get("HeadObject", 0) <= 1, after  # d07's own
+
+    assert len(os.listdir(m / "many")) == 20  # ls -R many: now it is sampled ahead
+
+    def sampled() -> None:
+        assert m.requests().get("HeadObject", 0) - after.get("HeadObject", 0) >= 18
+
+    eventually(sampled)
+
+
 def test_a_walk_asks_no_metadata_of_directories_without_a_marker(
     mount_factory, bucket: str, storage: Storage
 ) -> None:

@@ -43,6 +43,9 @@ class DirListing:
     hidden: int = 0  # keys (or prefixes) below the directory that cannot be shown as names
     plain: bool | None = None  # its objects carry no POSIX metadata (sampled; None: unknown)
 
+    def subdirs(self) -> int:
+        return sum(1 for e in self.entries.values() if e.is_dir)
+
 
 def usable_name(name: str) -> bool:
     """Whether a key component can be shown as a file name (others are skipped)."""
@@ -200,6 +203,11 @@ class ListingCache:
 
     def cached(self, dir_key: str) -> bool:
         return self.get(dir_key) is not None
+
+    def unsampled_below(self, dir_key: str) -> list[str]:
+        """The cached listings below ``dir_key`` not yet found plain or not, in key order."""
+        below = (k for k in self._dirs if k != dir_key and k.startswith(dir_key))
+        return sorted(k for k in below if self._dirs[k].plain is None)
 
     def put(self, dir_key: str, entries: dict[str, Entry], hidden: int = 0) -> DirListing:
         if hidden:

@@ -111,10 +111,11 @@ class MetadataResolver:
             done.set()
 
     async def presample(self, dkey: str, walk_root: str) -> None:
-        """Sample a walked directory before the program gets there (``find`` and ``ls -lR``
+        """Sample a listed directory before the program gets there (``find`` and ``ls -lR``
         would otherwise wait for one HEAD per directory, one directory after another).
-        One HEAD when the walk's root is plain, as below any plain directory.  Only for
-        the "auto" mode (the walk checks it before starting this)."""
+        ``walk_root``: the directory the program is going through (S3FS._note_enumeration);
+        one HEAD when it is plain, as below any plain directory.  Only for the "auto" mode
+        (the caller checks it)."""
         async with self._presample_limiter:
             listing = self.listings.get(dkey)
             if listing is None or listing.plain is not None or dkey in self._sampling:
@@ -126,7 +127,7 @@ class MetadataResolver:
                 listing.plain = not any(e.meta and e.meta.has_posix for e in entries)
                 return
             pending = self._sampling.get(walk_root)
-            if pending is not None:  # the program's readdir that started the walk
+            if pending is not None:  # the program's readdir of it
                 await pending.wait()
             root = self.listings.get(walk_root)
             n = 1 if root is not None and root.plain else META_SAMPLE

@@ -209,6 +209,9 @@ class S3FS(KeySpace):
         self._listing_inflight: dict[str, trio.Event] = {}
         self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
         self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
+        # Directories whose tree a program is going through (readdir of one with subdirs)
+        # -> when it was last read: the walked directories below them are presampled.
+        self._enumerated: dict[str, float] = {}
         self._read_after_write = 0  # uploads that read back at once (-1: not always)
         self._copy_heads = True  # False once the store refused an UploadPartCopy
         self._link_targets: dict[str, tuple[str | None, str]] = {}  # key -> (ETag, target)
@@ -253,6 +256,8 @@ class S3FS(KeySpace):
             listing = self.listings.get(dkey)
             if listing is not None:
                 self.stats["listing_hits"] += 1
+                if readdir:
+                    self._note_enumeration(dkey, listing)
                 return listing
             pending = self._listing_inflight.get(dkey)
             if pending is not None:
@@ -281,6 +286,7 @@ class S3FS(KeySpace):
                 del self._listing_inflight[dkey]
                 done.set()
             if readdir:
+                self._note_enumeration(dkey, listing)
                 self._maybe_walk(dkey, listing)
             elif dkey != self.prefix:
                 parent = self.dir_key_of(dkey[: -len(self.sep)])[0]
@@ -290,12 +296,40 @@ class S3FS(KeySpace):
                     self._maybe_walk(parent, above)
             return listing
 
+    def _enumeration(self, dkey: str) -> str | None:
+        """The directory holding ``dkey`` whose tree a program is going through, if any."""
+        now = time.monotonic()
+        return next((root for root, at in self._enumerated.items()
+                     if dkey.startswith(root) and now - at <= self.listings.ttl), None)  # fmt: skip
+
+    def _note_enumeration(self, dkey: str, listing: DirListing) -> None:
+        """A ``readdir`` of ``dkey``.  With subdirectories, a program may be going through
+        its tree (``ls -R``, ``find``, ``du``) for the next listing TTL: the directories
+        below that are listed already, and those a walk lists from now on, get their
+        metadata sample ahead of it.  Only then: a walk of the whole bucket (``ls`` of the
+        top, lookups in two top-level directories) must not sample 1,000 directories that
+        no program visits, while a program works elsewhere."""
+        if listing.subdirs() < 2:
+            return
+        now = time.monotonic()
+        for root, at in list(self._enumerated.items()):
+            if now - at > self.listings.ttl:
+                del self._enumerated[root]
+        root = self._enumeration(dkey)
+        self._enumerated[root if root is not None else dkey] = now
+        if root is None:
+            for below in self.listings.unsampled_below(dkey)[:PRESAMPLE_MAX]:
+                self._presample(below, dkey)
+
+    def _presample(self, dkey: str, root: str) -> None:
+        if self.resolver.mode == "auto" and self.background is not None:
+            self.background.start_soon(self.resolver.presample, dkey, root)
+
     def _maybe_walk(self, dkey: str, listing: DirListing) -> None:
         """Start a walk of ``dkey``'s subtree unless it has < 2 subdirs or a walk covering
         it has got to it (one that has not yet goes on: this one lists the subtree now)."""
-        subdirs = sum(1 for e in listing.entries.values() if e.is_dir)
         if (
-            subdirs > 1
+            listing.subdirs() > 1
             and self.background is not None
             and not any(
                 dkey.startswith(w.root) and (w.root == dkey or w.reached(dkey))
@@ -322,13 +356,10 @@ class S3FS(KeySpace):
                 ):
                     self.listings.put(dkey, entries, hidden)
                     self.stats["listing_walked"] += 1
-                    if (
-                        self.resolver.mode == "auto"
-                        and self.background is not None
-                        and walk.presampled < PRESAMPLE_MAX
-                    ):
+                    root = self._enumeration(dkey)
+                    if root is not None and walk.presampled < PRESAMPLE_MAX:
                         walk.presampled += 1
-                        self.background.start_soon(self.resolver.presample, dkey, walk.root)
+                        self._presample(dkey, root)
 
         try:
             await self.deletes.flush(walk.root)
