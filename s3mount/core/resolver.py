@@ -71,6 +71,10 @@ class MetadataResolver:
         """
         todo = self._unknown(dir_path, entries)
         if not todo:
+            if self.mode == "auto":
+                listing = self.listings.get(self.keys.dir_key(dir_path))
+                if listing is not None:
+                    _plain_if_all_known(listing)
             return
         if self.mode == "listing":
             self._assume_plain(todo)
@@ -79,6 +83,8 @@ class MetadataResolver:
             listing = self.listings.get(self.keys.dir_key(dir_path))
             if listing is not None and listing.plain is None:
                 parent = self.listings.get(self.keys.dir_key(self.keys.split(dir_path)[0]))
+                if parent is not None:
+                    _plain_if_all_known(parent)
                 below_plain = dir_path != "/" and parent is not None and bool(parent.plain)
                 await self._sample(dir_path, listing, todo, 1 if below_plain else META_SAMPLE)
                 todo = [(k, e) for k, e in todo if e.meta is None]
@@ -121,16 +127,20 @@ class MetadataResolver:
             if listing is None or listing.plain is not None or dkey in self._sampling:
                 return
             path = self.keys.path_of_dir_key(dkey)
-            entries = list(listing.entries.values())
-            todo = self._unknown(path, entries)
+            todo = self._unknown(path, list(listing.entries.values()))
             if not todo:  # all known (cached, or directories without a marker): no HEAD
-                listing.plain = not any(e.meta and e.meta.has_posix for e in entries)
+                _plain_if_all_known(listing)
                 return
             pending = self._sampling.get(walk_root)
             if pending is not None:  # the program's readdir of it
                 await pending.wait()
-            root = self.listings.get(walk_root)
-            n = 1 if root is not None and root.plain else META_SAMPLE
+            above = [self.listings.get(walk_root),
+                     self.listings.get(self.keys.dir_key(self.keys.split(path)[0]))]  # fmt: skip
+            for d in above:
+                if d is not None:
+                    _plain_if_all_known(d)
+            below_plain = any(d is not None and d.plain for d in above)
+            n = 1 if below_plain else META_SAMPLE
             try:
                 await self._sample(path, listing, todo, n)
             except Exception as exc:  # the program's own lookups sample it then
@@ -213,3 +223,11 @@ class MetadataResolver:
         finally:
             del self._head_inflight[mkey]
             done.set()
+
+
+def _plain_if_all_known(listing: DirListing) -> None:
+    """A listing whose entries all have their metadata (cached, or directories without a
+    marker) is plain unless one of them carries POSIX metadata: no sample needed."""
+    entries = listing.entries.values()
+    if listing.plain is None and all(e.meta is not None or e.marker is False for e in entries):
+        listing.plain = not any(e.meta and e.meta.has_posix for e in entries)
