@@ -82,10 +82,7 @@ class MetadataResolver:
         if self.mode == "auto":
             listing = self.listings.get(self.keys.dir_key(dir_path))
             if listing is not None and listing.plain is None:
-                parent = self.listings.get(self.keys.dir_key(self.keys.split(dir_path)[0]))
-                if parent is not None:
-                    _plain_if_all_known(parent)
-                below_plain = dir_path != "/" and parent is not None and bool(parent.plain)
+                below_plain = dir_path != "/" and self._is_plain(self._parent_key(dir_path))
                 await self._sample(dir_path, listing, todo, 1 if below_plain else META_SAMPLE)
                 todo = [(k, e) for k, e in todo if e.meta is None]
             if listing is not None and listing.plain:
@@ -134,17 +131,24 @@ class MetadataResolver:
             pending = self._sampling.get(walk_root)
             if pending is not None:  # the program's readdir of it
                 await pending.wait()
-            above = [self.listings.get(walk_root),
-                     self.listings.get(self.keys.dir_key(self.keys.split(path)[0]))]  # fmt: skip
-            for d in above:
-                if d is not None:
-                    _plain_if_all_known(d)
-            below_plain = any(d is not None and d.plain for d in above)
+            below_plain = self._is_plain(walk_root) or self._is_plain(self._parent_key(path))
             n = 1 if below_plain else META_SAMPLE
             try:
                 await self._sample(path, listing, todo, n)
             except Exception as exc:  # the program's own lookups sample it then
                 log.debug("metadata sample of %s failed: %s", path, exc)
+
+    def _parent_key(self, dir_path: str) -> str:
+        return self.keys.dir_key(self.keys.split(dir_path)[0])
+
+    def _is_plain(self, dkey: str) -> bool:
+        """Whether the cached listing of ``dkey`` is known plain (decided now when all its
+        entries are known)."""
+        listing = self.listings.get(dkey)
+        if listing is None:
+            return False
+        _plain_if_all_known(listing)
+        return bool(listing.plain)
 
     def _unknown(self, dir_path: str, entries: list[Entry]) -> list[tuple[str, Entry]]:
         """The entries without metadata (taking what the cache knows), with their meta key."""
