@@ -22,6 +22,7 @@ import botocore.exceptions
 import pytest
 import trio
 
+from s3mount.core import s3fs as s3fs_module
 from s3mount.core.errors import (
     DirectoryNotEmpty,
     FSError,
@@ -425,6 +426,68 @@ async def test_a_walk_far_behind_does_not_hold_up_the_directories_a_program_list
             nursery.cancel_scope.cancel()
     finally:
         release.set()
+        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
+
+
+@trio_test
+async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucket, monkeypatch):
+    # A readdir with subdirectories (ls -R, find), or lookups in two subdirectories of a
+    # directory (stat of many paths), start a walk of its tree.  At a bucket's top that tree
+    # is the whole bucket: when no program goes where the walk goes (a plain ls), it stops
+    # WALK_LEAD pages on instead of listing 50,000 keys; a program that takes listings from
+    # it keeps it going to the end.
+    put(storage, bucket, "a/x")
+    put(storage, bucket, "b/y")
+    for d in range(10):
+        put(storage, bucket, f"c/d{d}/f0")
+        put(storage, bucket, f"c/d{d}/f1")
+    monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 0.3)  # how long it waits for a program
+    fs = make_fs(metadata="listing")
+    real_list_pages = storage.list_pages
+    pages = 0
+
+    def list_pages(bucket_: str, prefix: str, delimiter: str | None = None, **kw: Any):
+        nonlocal pages
+        if prefix or delimiter:
+            yield from real_list_pages(bucket_, prefix, delimiter, **kw)
+            return
+        for page in real_list_pages(bucket_, prefix, page_size=2):
+            pages += 1
+            yield page
+
+    async def walk_done() -> None:
+        with trio.fail_after(10):
+            while fs._walks:
+                await trio.sleep(0.01)
+
+    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            fs.background = nursery
+            for path in ("a", "a/x", "b", "b/y"):  # the kernel's lookups, one name each
+                await fs.getinfo(path)  # b: a second top-level directory, a walk of it all
+            assert "" in fs._walks
+            await walk_done()
+            assert pages == 3  # WALK_LEAD pages: a/x b/y, c/d0/f0 c/d0/f1, c/d1/..
+
+            fs.invalidate()
+            pages = 0
+            for path in ("a", "a/x", "b", "b/y"):
+                await fs.getinfo(path)
+            for d in range(10):  # stat of every file, in the walk's order
+                assert (await fs.getinfo(f"c/d{d}/f1")).size == 0
+            await walk_done()
+            assert pages == 11  # all 22 keys: the program used it all
+
+            fs.invalidate()
+            pages = 0
+            assert await fs.listdir("/") == ["a", "b", "c"]  # ls of the top: a walk
+            await walk_done()
+            assert pages == 3
+            assert fs.stats["listing_walked"] >= 10
+            fs.background = None
+            nursery.cancel_scope.cancel()
+    finally:
         fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
 
 

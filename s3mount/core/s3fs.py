@@ -144,20 +144,58 @@ class Info:
 PRESAMPLE_MAX = 1000  # directories a walk samples in the background (it may list 50,000)
 KEY_SYNC_PROOF = 8  # uploads read back at the first try, after which key-sync checks stop
 WALK_PAGES = 50  # a subtree's flat listing stops after this many pages (50,000 keys)
+# A walk is a guess about where a program goes next: it lists at most WALK_LEAD pages
+# beyond the last listing a program took from it, then waits WALK_PAUSE seconds for a
+# program to want more, and stops.
+WALK_LEAD = 3
+WALK_PAUSE = 2.0
 
 
 @dataclass(eq=False)  # compared by identity
 class _Walk:
-    """A flat listing of the subtree below ``root`` in progress (see S3FS._walk)."""
+    """A flat listing of the subtree below ``root`` in progress (see S3FS._walk).  It goes
+    on only while programs use what it lists: ``ls`` of a bucket's top, or lookups in two
+    of its directories, must not list 50,000 keys no program asks for."""
 
     root: str
     last: str = ""  # the last key listed so far
+    pages: int = 0  # pages listed so far
+    budget: int = WALK_LEAD  # pages it may list
+    outrun: bool = False  # programs went ahead of it: it stops
+    stored: set[str] = field(default_factory=set)  # directories it cached
     presampled: int = 0  # directories whose metadata sample it started (PRESAMPLE_MAX)
     progress: trio.Event = field(default_factory=trio.Event)
+    wanted: trio.Event = field(default_factory=trio.Event)  # set when the budget grows
 
     def step(self) -> None:
         self.progress.set()
         self.progress = trio.Event()
+
+    def used(self, reached: bool = True) -> None:
+        """A program took, or waits for, a listing this walk makes: it may go on WALK_LEAD
+        pages further (one page, for a directory it has not got to yet)."""
+        if not self.outrun:
+            lead = WALK_LEAD if reached else 1
+            self.budget = min(WALK_PAGES, max(self.budget, self.pages + lead))
+            self.wanted.set()
+
+    async def may_go_on(self) -> bool:
+        """Whether to list another page (at the end of its budget, it waits a little for
+        programs to want more)."""
+        if self.pages < self.budget:
+            return True
+        if self.outrun or self.pages >= WALK_PAGES:
+            return False
+        self.wanted = trio.Event()
+        with trio.move_on_after(WALK_PAUSE):
+            await self.wanted.wait()
+        return self.pages < self.budget
+
+    def overtaken(self) -> None:
+        """A walk of a subtree this walk has not got to starts (a program went there first):
+        this one stops after the page it is listing, instead of listing that again."""
+        self.outrun = True
+        self.budget = min(self.budget, self.pages + 1)
 
     def will_list(self, dkey: str) -> bool:
         """Whether this walk is still to complete the listing of ``dkey``."""
@@ -256,6 +294,9 @@ class S3FS(KeySpace):
             listing = self.listings.get(dkey)
             if listing is not None:
                 self.stats["listing_hits"] += 1
+                for w in self._walks.values():
+                    if dkey in w.stored:
+                        w.used()
                 if readdir:
                     self._note_enumeration(dkey, listing)
                 return listing
@@ -266,6 +307,7 @@ class S3FS(KeySpace):
             walk = max((w for w in self._walks.values() if w.will_list(dkey)),
                        key=lambda w: len(w.root), default=None)  # fmt: skip
             if walk is not None and (walk.reached(dkey) or walk not in waited):
+                walk.used(walk.reached(dkey))
                 waited.append(walk)
                 await walk.progress.wait()
                 continue
@@ -327,7 +369,7 @@ class S3FS(KeySpace):
 
     def _maybe_walk(self, dkey: str, listing: DirListing) -> None:
         """Start a walk of ``dkey``'s subtree unless it has < 2 subdirs or a walk covering
-        it has got to it (one that has not yet goes on: this one lists the subtree now)."""
+        it has got to it (one that has not, stops: this one lists the subtree now)."""
         if (
             listing.subdirs() > 1
             and self.background is not None
@@ -337,6 +379,9 @@ class S3FS(KeySpace):
             )
         ):
             self._lookups_below.pop(dkey, None)
+            for w in self._walks.values():
+                if dkey.startswith(w.root):  # it has not got here (tested above)
+                    w.overtaken()
             self._walks[dkey] = walk = _Walk(dkey)
             self.background.start_soon(self._walk, walk)
 
@@ -356,6 +401,7 @@ class S3FS(KeySpace):
                 ):
                     self.listings.put(dkey, entries, hidden)
                     self.stats["listing_walked"] += 1
+                    walk.stored.add(dkey)
                     root = self._enumeration(dkey)
                     if root is not None and walk.presampled < PRESAMPLE_MAX:
                         walk.presampled += 1
@@ -364,8 +410,9 @@ class S3FS(KeySpace):
         try:
             await self.deletes.flush(walk.root)
             pages = self.storage.list_pages(self.bucket, walk.root)
-            for _ in range(WALK_PAGES):
+            while await walk.may_go_on():
                 page = await self.run.read(next, pages, None)
+                walk.pages += 1
                 if page is None:
                     store(gatherer.finish())
                     break
