@@ -153,6 +153,9 @@ class MetaCache:
     An entry is valid for the object version it was read from: same ETag, and same
     LastModified when both are known.  Used from the trio thread only.  It is only a cache:
     when SQLite fails (a full disk, say), the entry is skipped and a HEAD asks again.
+
+    It also keeps which directories a sample found plain (core.resolver), with a fingerprint
+    of the files they held then: a later mount that lists the same files needs no sample.
     """
 
     def __init__(self, path: str):
@@ -165,6 +168,9 @@ class MetaCache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, etag TEXT, "
             "modified REAL, headers TEXT, content_type TEXT)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS plain_dirs (key TEXT PRIMARY KEY, fingerprint TEXT)"
         )
 
     def _execute(self, sql: str, args: tuple = (), many: bool = False) -> list[tuple]:
@@ -199,10 +205,25 @@ class MetaCache:
     def delete(self, key: str) -> None:
         self._execute("DELETE FROM meta WHERE key = ?", (key,))
 
+    def plain_fingerprint(self, dir_key: str) -> str | None:
+        """The fingerprint of the files ``dir_key`` held when a sample found it plain."""
+        rows = self._execute("SELECT fingerprint FROM plain_dirs WHERE key = ?", (dir_key,))
+        return rows[0][0] if rows else None
+
+    def set_plain(self, dir_key: str, fingerprint: str | None) -> None:
+        """Remember ``dir_key`` as plain with these files (None: forget it)."""
+        if fingerprint is None:
+            self._execute("DELETE FROM plain_dirs WHERE key = ?", (dir_key,))
+        else:
+            self._execute("INSERT OR REPLACE INTO plain_dirs VALUES (?, ?)", (dir_key, fingerprint))
+
     def delete_tree(self, prefix: str) -> None:
-        """Forget ``prefix`` itself and every key below it."""
+        """Forget ``prefix`` itself and every key below it (and their plain verdicts)."""
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        self._execute("DELETE FROM meta WHERE key = ? OR key LIKE ? ESCAPE '\\'", (prefix, like))
+        for table in ("meta", "plain_dirs"):
+            self._execute(
+                f"DELETE FROM {table} WHERE key = ? OR key LIKE ? ESCAPE '\\'", (prefix, like)
+            )
 
     def move_tree(self, src_prefix: str, dst_prefix: str) -> None:
         """After a directory rename: entries below ``src_prefix`` move below ``dst_prefix``.

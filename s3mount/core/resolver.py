@@ -8,6 +8,7 @@ directory decide whether its objects carry metadata at all; see docs/semantics.m
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 from collections import Counter
@@ -94,7 +95,9 @@ class MetadataResolver:
         self, dir_path: str, listing: DirListing, todo: list[tuple[str, Entry]], n: int
     ) -> None:
         """Decide ``listing.plain`` from HEADs of ``n`` unknown entries (those asked for
-        first, filled up with siblings); once, however many ask at the same time."""
+        first, filled up with siblings); once, however many ask at the same time.  No HEAD
+        when an earlier sample (of this mount or one before, with the cache kept) found the
+        directory plain while it held the same files."""
         dkey = self.keys.dir_key(dir_path)
         pending = self._sampling.get(dkey)
         if pending is not None:
@@ -102,6 +105,11 @@ class MetadataResolver:
             return
         done = self._sampling[dkey] = trio.Event()
         try:
+            files = _fingerprint(listing)
+            if self.cache.plain_fingerprint(dkey) == files:
+                self.stats["meta_plain_remembered"] += 1
+                listing.plain = True
+                return
             sample = list(todo[:n])
             if len(sample) < n:
                 ids = {id(e) for _, e in sample}
@@ -109,6 +117,7 @@ class MetadataResolver:
                 sample += self._unknown(dir_path, others)[: n - len(sample)]
             await self._heads(dir_path, sample, missing_ok=True)
             listing.plain = not any(e.meta and e.meta.has_posix for _, e in sample)
+            self.cache.set_plain(dkey, files if listing.plain else None)
         finally:
             del self._sampling[dkey]
             done.set()
@@ -227,6 +236,16 @@ class MetadataResolver:
         finally:
             del self._head_inflight[mkey]
             done.set()
+
+
+def _fingerprint(listing: DirListing) -> str:
+    """The names and ETags of a listing's files: another version of one, or one more,
+    changes it."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, e in sorted(listing.entries.items()):
+        if not e.is_dir:
+            h.update(f"{name}\0{e.etag}\n".encode())
+    return h.hexdigest()
 
 
 def _plain_if_all_known(listing: DirListing) -> None:
