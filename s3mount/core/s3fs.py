@@ -306,8 +306,9 @@ class S3FS(KeySpace):
                 continue
             walk = max((w for w in self._walks.values() if w.will_list(dkey)),
                        key=lambda w: len(w.root), default=None)  # fmt: skip
-            if walk is not None and (walk.reached(dkey) or walk not in waited):
-                walk.used(walk.reached(dkey))
+            reached = walk is not None and walk.reached(dkey)
+            if walk is not None and (reached or walk not in waited):
+                walk.used(reached)
                 waited.append(walk)
                 await walk.progress.wait()
                 continue
