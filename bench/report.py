@@ -79,6 +79,37 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _requests_cell(r: dict[str, Any] | None) -> str:
+    counts = (r or {}).get("server_requests")
+    if counts is None:
+        return "—"
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return " · ".join(f"{n:,} {op}" for op, n in ordered) or "none"
+
+
+def requests_table(data: dict[str, Any]) -> str:
+    """What each tool sent during each workload, as the S3 server counted it."""
+    tools = _tools(data)
+    lines = ["| workload | " + " | ".join(tools) + " |", "|" + "---|" * (len(tools) + 1)]
+    for name in data["workloads"]:
+        cells = [_requests_cell(data["tools"][t]["results"].get(name)) for t in tools]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "S3 requests the server answered while each workload ran (the median round), by "
+        "operation; the harness's own set-up and checks are not counted."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def document(data: dict[str, Any]) -> str:
+    """``results.md``: the times, then the requests (when the run counted them)."""
+    counted = any(
+        "server_requests" in r for v in data["tools"].values() for r in v["results"].values()
+    )
+    return table(data) + ("\n" + requests_table(data) if counted else "")
+
+
 def chart(data: dict[str, Any], path: Path) -> bool:
     """Draw one bar panel per workload (seconds per tool); False if matplotlib is missing."""
     try:
@@ -129,11 +160,11 @@ def chart(data: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.report results.json``: print the table (and redraw the chart)."""
+    """``python -m bench.report results.json``: print the tables (and redraw the chart)."""
     args = argv if argv is not None else sys.argv[1:]
     path = Path(args[0])
     data = json.loads(path.read_text())
-    print(table(data))
+    print(document(data))
     chart(data, path.with_suffix(".png"))
 
 

@@ -5,7 +5,7 @@
     python -m bench.run --rounds 3 --workloads untar   # the median of 3 rounds
 
 See docs/benchmarks.md for what is measured and how.  Writes ``results.json`` (raw),
-``results.md`` (the table) and ``results.png`` (the chart) into ``--out``.  Whatever
+``results.md`` (the tables) and ``results.png`` (the chart) into ``--out``.  Whatever
 happens (an error, Ctrl-C, SIGTERM), every mount is unmounted and every process it
 started is stopped.
 """
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import boto3
 from botocore.config import Config
 
 from bench import report
+from bench.s3server import COUNTS_PATH, HARNESS_HEADER
 from bench.tools import (
     BUCKET,
     TOOL_NAMES,
@@ -114,8 +116,10 @@ def start_process(cmd: list[str], logfile: Path, janitor: Janitor) -> subprocess
     return proc
 
 
-def s3_client(endpoint: str) -> Any:
-    return boto3.client(
+def s3_client(endpoint: str, harness: bool = False) -> Any:
+    """A boto3 client; ``harness``: its requests are the harness's own, which the server
+    leaves out of its counts (set-up, checks), unlike the raw client's."""
+    client = boto3.client(
         "s3",
         endpoint_url=endpoint,
         config=Config(
@@ -124,6 +128,21 @@ def s3_client(endpoint: str) -> Any:
             retries={"mode": "standard", "max_attempts": 5},
         ),
     )
+    if harness:
+
+        def mark(request: Any, **_: Any) -> None:
+            request.headers[HARNESS_HEADER] = "1"
+
+        client.meta.events.register("before-sign.s3", mark)
+    return client
+
+
+def server_requests(endpoint: str) -> dict[str, int]:
+    """The S3 requests the server answered since the last call, by operation (not counting
+    the harness's own; see bench/s3server.py)."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(endpoint + COUNTS_PATH, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def drop_caches() -> bool:
@@ -277,7 +296,7 @@ class Bench:
 
     def prepare_shared(self) -> None:
         s = self.sizes
-        self.direct = s3_client(self.direct_endpoint)
+        self.direct = s3_client(self.direct_endpoint, harness=True)
         self.raw = s3_client(self.endpoint)
         self.direct.create_bucket(Bucket=BUCKET)
         big = self.work / "big.src"
@@ -358,11 +377,13 @@ class Bench:
     def _measure(self, tool_name: str, name: str, unit: str, fn: Any,
                  tool: MountTool | None = None) -> dict[str, Any]:  # fmt: skip
         before = tool.status() if tool is not None else None
+        server_requests(self.direct_endpoint)  # what came before is not this workload's
         try:
             result = record(fn(), unit)
         except Exception as e:  # one failed workload must not lose the others' results
             log(f"[{tool_name}] {name} FAILED: {e}")
             return {"seconds": None, "error": f"{type(e).__name__}: {e}", "unit": unit}
+        result["server_requests"] = server_requests(self.direct_endpoint)
         if tool is not None:
             result["requests"] = _requests_delta(before, tool.status())
         closed = result["close_seconds"]
@@ -430,7 +451,7 @@ class Bench:
 
     def write_outputs(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.data, indent=2) + "\n")
-        text = report.table(self.data)
+        text = report.document(self.data)
         (self.out / "results.md").write_text(text)
         print(text)
         if report.chart(self.data, self.out / "results.png"):

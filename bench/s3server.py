@@ -16,18 +16,29 @@ Run it as ``python -m bench.s3server -H 127.0.0.1 -p PORT`` (the same arguments 
 
 Everything else is stock moto, so its per-request cost (4-6 ms of CPU, ``Connection:
 close``) stays, and is the same for every client measured against it.
+
+The server also counts the S3 requests it answers, by operation (``ListObjectsV2``,
+``HeadObject``...), so that the harness can say what each client sent for each workload:
+``GET /_bench/requests`` returns the counts since the last such GET, as JSON, and starts
+again from zero.  Requests carrying the ``x-bench-harness`` header (the harness's own set-up
+and its "is it in S3 yet" checks) are not counted.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import threading
+from collections import Counter
 from typing import Any
+from urllib.parse import parse_qs
 
 _SINGLE_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 _NULL_VERSION = re.compile(r"([?&])versionId=null(&|$)")
 _state = threading.local()
+COUNTS_PATH = "/_bench/requests"
+HARNESS_HEADER = "x-bench-harness"
 
 
 class LazyValue:
@@ -109,10 +120,76 @@ def patch_moto() -> None:
     responses.S3Response._bench_patched = True
 
 
+def operation(method: str, path: str, query: str, copy_source: bool) -> str:
+    """The S3 operation a path-style request asks for, as boto3 names it."""
+    q = parse_qs(query, keep_blank_values=True)
+    on_key = "/" in path.strip("/")
+    if not on_key:
+        if method == "GET":
+            if "uploads" in q:
+                return "ListMultipartUploads"
+            return "ListObjectsV2" if q.get("list-type") == ["2"] else "ListObjects"
+        if method == "POST" and "delete" in q:
+            return "DeleteObjects"
+        return {"HEAD": "HeadBucket", "PUT": "CreateBucket", "DELETE": "DeleteBucket"}.get(
+            method, f"{method} bucket"
+        )
+    if method == "PUT":
+        if copy_source:
+            return "UploadPartCopy" if "partNumber" in q else "CopyObject"
+        return "UploadPart" if "partNumber" in q else "PutObject"
+    if method == "POST":
+        return "CreateMultipartUpload" if "uploads" in q else "CompleteMultipartUpload"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if "uploadId" in q else "DeleteObject"
+    return {"HEAD": "HeadObject", "GET": "GetObject"}.get(method, f"{method} object")
+
+
+class RequestTally:
+    """Requests answered since the last :meth:`take`, by operation (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        return dict(sorted(counts.items()))
+
+
+def counting(app_class: type, tally: RequestTally) -> type:
+    """``app_class`` (a WSGI application class) that also counts requests, and answers
+    ``GET /_bench/requests`` itself."""
+
+    class Counting(app_class):  # type: ignore[misc, valid-type]
+        def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+            path = environ.get("PATH_INFO", "")
+            if path == COUNTS_PATH:
+                body = json.dumps(tally.take()).encode()
+                start_response("200 OK", [("Content-Type", "application/json"),
+                                          ("Content-Length", str(len(body)))])  # fmt: skip
+                return [body]
+            if "HTTP_" + HARNESS_HEADER.upper().replace("-", "_") not in environ:
+                method = environ.get("REQUEST_METHOD", "")
+                copy = "HTTP_X_AMZ_COPY_SOURCE" in environ
+                tally.add(operation(method, path, environ.get("QUERY_STRING", ""), copy))
+            return super().__call__(environ, start_response)
+
+    return Counting
+
+
 def main(argv: list[str] | None = None) -> None:
     """Patch moto, then run its server with moto's own command line."""
     patch_moto()
     from moto import server
+
+    app = server.DomainDispatcherApplication
+    server.DomainDispatcherApplication = counting(app, RequestTally())  # type: ignore[misc]
 
     server.main(argv if argv is not None else sys.argv[1:])
 

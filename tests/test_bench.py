@@ -85,6 +85,17 @@ def test_tiny_run_measures_everything(tmp_path: Path) -> None:
             assert entry["peak_rss_kib"] > 1000, tool
     for name in ("seq_write", "small_create"):  # s3mount's own counters were read
         assert data["tools"]["s3mount"]["results"][name]["requests"]["PutObject"] >= 1
+    # The server counted each workload's requests, and not the harness's own checks: the
+    # raw client sends exactly these, and s3mount no more than its own counters say (the
+    # harness polled S3 until each write was there, but none of it shows).
+    sizes = data["meta"]["sizes"]
+    raw = data["tools"]["raw"]["results"]
+    assert raw["small_create"]["server_requests"] == {"PutObject": sizes["small_files"]}
+    assert raw["rm_rf"]["server_requests"] == {"DeleteObjects": 1, "ListObjectsV2": 1}
+    for name, r in data["tools"]["s3mount"]["results"].items():
+        for op, n in r["server_requests"].items():
+            assert n <= r["requests"].get(op, 0), (name, r["server_requests"], r["requests"])
+    assert data["tools"]["s3mount"]["results"]["rm_rf"]["server_requests"]["DeleteObjects"] >= 1
     table = (out / "results.md").read_text()
     assert table == stdout.strip() + "\n" or table.strip() in stdout
     for name in WORKLOAD_NAMES:
