@@ -120,14 +120,21 @@ def patch_moto() -> None:
     responses.S3Response._bench_patched = True
 
 
+_LIST_PARAMS = {"prefix", "delimiter", "marker", "max-keys", "encoding-type", "list-type",
+                "continuation-token", "start-after", "fetch-owner"}  # fmt: skip
+_KEY_PARAMS = {"partNumber", "uploadId", "uploads", "versionId", "x-id"}
+
+
 def operation(method: str, path: str, query: str, copy_source: bool) -> str:
-    """The S3 operation a path-style request asks for, as boto3 names it."""
+    """The S3 operation a path-style request asks for, as boto3 names it (a request on a
+    sub-resource such as ``?tagging`` or ``?location``: the method and its name)."""
     q = parse_qs(query, keep_blank_values=True)
     on_key = "/" in path.strip("/")
+    other = [k for k in q if k not in (_KEY_PARAMS if on_key else _LIST_PARAMS)]
+    if other and other != ["delete"]:
+        return f"{method} {'object' if on_key else 'bucket'} ?{other[0]}"
     if not on_key:
         if method == "GET":
-            if "uploads" in q:
-                return "ListMultipartUploads"
             return "ListObjectsV2" if q.get("list-type") == ["2"] else "ListObjects"
         if method == "POST" and "delete" in q:
             return "DeleteObjects"
