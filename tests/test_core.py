@@ -300,6 +300,27 @@ async def test_makedir_writes_a_marker_and_removedir_deletes_it(make_fs, storage
 
 
 @trio_test
+async def test_removedir_deletes_a_marker_only_where_s3_has_one(make_fs, storage, bucket):
+    # rm -rf of a tree a plain client uploaded: its directories exist only as key
+    # prefixes, and their emptiness check (a LIST) shows there is no marker to delete.
+    put(storage, bucket, "plain/sub/x", b"1")
+    put(storage, bucket, "marked/")
+    put(storage, bucket, "marked/y", b"2")
+    fs = make_fs()
+    for path in ("/", "plain", "plain/sub", "marked"):  # rm reads each directory first
+        await fs.listdir(path)
+    for path in ("plain/sub/x", "marked/y"):
+        await fs.remove(path)
+    await fs.deletes.flush()
+    before = requests(storage)
+    for path in ("plain/sub", "plain", "marked"):
+        await fs.removedir(path)
+    assert since(storage, before) == {"ListObjectsV2": 3, "DeleteObject": 1}
+    assert all_keys(storage, bucket) == set()
+    assert await fs.listdir("/") == []
+
+
+@trio_test
 async def test_makedir_recursive_and_recreate(make_fs, storage, bucket):
     fs = make_fs()
     with pytest.raises(ResourceNotFound):

@@ -42,6 +42,8 @@ class DirListing:
     fetched: float = field(default_factory=time.monotonic)
     hidden: int = 0  # keys (or prefixes) below the directory that cannot be shown as names
     plain: bool | None = None  # its objects carry no POSIX metadata (sampled; None: unknown)
+    # Whether S3 held the directory's own marker object when it was listed (None: unknown).
+    own_marker: bool | None = None
 
     def subdirs(self) -> int:
         return sum(1 for e in self.entries.values() if e.is_dir)
@@ -56,16 +58,19 @@ def usable_name(name: str) -> bool:
     )
 
 
-def entries_from_pages(dir_key: str, pages: list[ListPage]) -> tuple[dict[str, Entry], int]:
+def entries_from_pages(dir_key: str, pages: list[ListPage]) -> tuple[dict[str, Entry], int, bool]:
     """Build a directory's entries from its listing pages (keys under ``dir_key``); also
-    return how many keys and prefixes were skipped as unusable names."""
+    return how many keys and prefixes were skipped as unusable names, and whether the
+    directory's own marker object was listed."""
     entries: dict[str, Entry] = {}
     skipped = 0
+    own_marker = False
     for page in pages:
         for k in page.keys:
             name = k.key[len(dir_key) :]
             if name == "":
-                continue  # the directory's own marker object
+                own_marker = True
+                continue
             if not usable_name(name):
                 skipped += 1
                 continue
@@ -84,7 +89,10 @@ def entries_from_pages(dir_key: str, pages: list[ListPage]) -> tuple[dict[str, E
             if name in entries:
                 log.warning("key %s%s is hidden by the directory %s", dir_key, name, p)
             entries[name] = Entry(name=name, is_dir=True)  # a directory wins over a file
-    return entries, skipped
+    return entries, skipped, own_marker
+
+
+Gathered = tuple[str, dict[str, Entry], int, bool]
 
 
 class TreeGatherer:
@@ -93,8 +101,9 @@ class TreeGatherer:
 
     Keys come in UTF-8 order, so all keys of a directory are contiguous: once a page ends
     past a directory's range, its listing is complete.  ``feed`` returns the directories
-    completed by a page, ``finish`` the rest (``root`` itself is never returned: its own
-    delimiter listing is what readers asked for).
+    completed by a page, ``finish`` the rest, each as (dir key, entries, hidden names,
+    whether its own marker object was listed); ``root`` itself is never returned: its own
+    delimiter listing is what readers asked for.
 
     A flat listing also shows which subdirectories have a marker object (``Entry.marker``):
     those without one have no metadata to ask S3 for.
@@ -112,7 +121,7 @@ class TreeGatherer:
             found = self._open[dkey] = ({}, [0])
         return found
 
-    def feed(self, keys: list[S3Key]) -> list[tuple[str, dict[str, Entry], int]]:
+    def feed(self, keys: list[S3Key]) -> list[Gathered]:
         for k in keys:
             parts = k.key[len(self.root) :].split(self.sep)
             dkey = self.root
@@ -140,17 +149,17 @@ class TreeGatherer:
         done = [d for d in self._open if d != self.root and not last.startswith(d)]
         return [self._close(d) for d in done]
 
-    def finish(self) -> list[tuple[str, dict[str, Entry], int]]:
+    def finish(self) -> list[Gathered]:
         return [self._close(d) for d in list(self._open) if d != self.root]
 
-    def _close(self, dkey: str) -> tuple[str, dict[str, Entry], int]:
+    def _close(self, dkey: str) -> Gathered:
         entries, hidden = self._open.pop(dkey)
         for e in entries.values():  # every key below dkey has been seen: markers too
             if e.is_dir:
                 sub = dkey + e.name + self.sep
                 e.marker = sub in self._markers
                 self._markers.discard(sub)
-        return dkey, entries, hidden[0]
+        return dkey, entries, hidden[0], dkey in self._markers  # the parent closes later
 
 
 def _expire(listing: DirListing) -> None:
@@ -209,10 +218,17 @@ class ListingCache:
         below = (k for k in self._dirs if k != dir_key and k.startswith(dir_key))
         return sorted(k for k in below if self._dirs[k].plain is None)
 
-    def put(self, dir_key: str, entries: dict[str, Entry], hidden: int = 0) -> DirListing:
+    def put(
+        self,
+        dir_key: str,
+        entries: dict[str, Entry],
+        hidden: int = 0,
+        own_marker: bool | None = None,
+    ) -> DirListing:
         if hidden:
             log.info("%s: skipped %d keys that cannot be file names", dir_key or "/", hidden)
-        listing = DirListing(entries, hidden=hidden, plain=self._plain.pop(dir_key, None))
+        plain = self._plain.pop(dir_key, None)
+        listing = DirListing(entries, hidden=hidden, plain=plain, own_marker=own_marker)
         for op in self._while_fetching.pop(dir_key, []):
             op(listing)
         self._dirs[dir_key] = listing

@@ -50,6 +50,7 @@ from s3mount.core.keys import KeySpace
 from s3mount.core.listing import (
     DirListing,
     Entry,
+    Gathered,
     ListingCache,
     TreeGatherer,
     entries_from_pages,
@@ -393,14 +394,14 @@ class S3FS(KeySpace):
         gatherer = TreeGatherer(walk.root, self.sep)
         mark = self.listings.changes
 
-        def store(done: list[tuple[str, dict[str, Entry], int]]) -> None:
-            for dkey, entries, hidden in done:
+        def store(done: list[Gathered]) -> None:
+            for dkey, entries, hidden, own_marker in done:
                 if (
                     not self.listings.cached(dkey)
                     and not self.listings.changed_since(dkey, mark)
                     and dkey not in self._listing_inflight  # its own LIST is on the way
                 ):
-                    self.listings.put(dkey, entries, hidden)
+                    self.listings.put(dkey, entries, hidden, own_marker)
                     self.stats["listing_walked"] += 1
                     walk.stored.add(dkey)
                     root = self._enumeration(dkey)
@@ -663,7 +664,8 @@ class S3FS(KeySpace):
         dkey = self.dir_key(path)
         self.listings.invalidate(dkey)  # emptiness must be checked against the server
         entries = await self._entries(path)
-        hidden = (await self._listing(path)).hidden  # keys that cannot be shown as names
+        listing = await self._listing(path)
+        hidden = listing.hidden  # keys that cannot be shown as names
         if (entries or hidden) and not (recursive or force):
             raise DirectoryNotEmpty(path)
         if entries or hidden:
@@ -678,17 +680,20 @@ class S3FS(KeySpace):
             )
             await self.run(self.storage.delete_many, keys, self.bucket)
         else:
-            # S3 never had the marker if mkdir journaled it and no upload was tried (a failed
-            # one may have landed).
+            # S3 has no marker to delete if mkdir journaled it and no upload was tried (a
+            # failed one may have landed), or if the listing just fetched showed none and
+            # nothing here was writing one (rm -rf of a tree a plain client uploaded: one
+            # request less per directory).
             journaled = self.writeback.pending_for(dkey)
             unsent = journaled is not None and not journaled.attempts
             unsent = unsent and dkey in self._unsent_markers
             self._unsent_markers.discard(dkey)
             busy = self.writeback.busy(dkey)
+            listed_none = listing.own_marker is False and journaled is None and not busy
             self.writeback.discard(dkey)
             if busy:
                 await self.writeback.settle(dkey)  # the upload in flight lands first
-            if busy or not unsent:
+            if (busy or not unsent) and not listed_none:
                 await self.deletes.flush(dkey)  # a marker goes after what was below it
                 await self.run(self.storage.delete, self.s3name(dkey))
         parent, name = self.split(path)
