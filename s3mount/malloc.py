@@ -41,7 +41,7 @@ def tune() -> None:
     At most ARENAS arenas, not one per thread up to 8 per core: a part is allocated in one
     worker thread's arena and freed by another thread, and with an arena per thread a
     read's peak RSS varied from 228 to 295 MiB, with two 185-202 MiB
-    (docs/benchmarks.md).  Parts come from the heap (MMAP_THRESHOLD) and freed ones stay
+    (docs/benchmarks-history.md).  Parts come from the heap (MMAP_THRESHOLD) and freed ones stay
     there up to TRIM_THRESHOLD, so that the next part reuses their pages."""
     libc = _libc()
     if libc is None:
