@@ -3,7 +3,10 @@ crosses local changes keeps."""
 
 from __future__ import annotations
 
-from s3mount.core.listing import Entry, ListingCache
+from datetime import UTC, datetime
+
+from s3mount.core.listing import Entry, ListingCache, TreeGatherer
+from s3mount.storage import S3Key
 
 
 def test_changes_made_while_a_list_is_in_flight_survive_its_answer() -> None:
@@ -33,3 +36,17 @@ def test_an_aborted_fetch_replays_nothing_later() -> None:
     cache.set_entry("d/", Entry("x", is_dir=False))  # no cached listing: nothing to update
     assert set(cache.put("d/", {}).entries) == set()
     assert cache.changed_since("d/", 0)
+
+
+def test_a_walk_tells_which_directories_have_their_own_marker() -> None:
+    # One page can complete a directory and its parent at once; the parent must not take
+    # the child's marker with it before the child's listing says it has one.
+    now = datetime.now(UTC)
+    keys = ["r/a/", "r/a/b/", "r/a/b/f", "r/a/g", "r/c/f", "r/z"]
+    gatherer = TreeGatherer("r/")
+    done = gatherer.feed([S3Key(k, 0, now, "e") for k in keys])
+    own = {dkey: marker for dkey, _entries, _hidden, marker in done}
+    assert own == {"r/a/": True, "r/a/b/": True, "r/c/": False}
+    entries = {dkey: e for dkey, e, _hidden, _marker in done}
+    assert entries["r/a/"]["b"].marker is True and set(entries["r/a/"]) == {"b", "g"}
+    assert gatherer.finish() == []

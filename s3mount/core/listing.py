@@ -147,19 +147,24 @@ class TreeGatherer:
             return []
         last = keys[-1].key
         done = [d for d in self._open if d != self.root and not last.startswith(d)]
-        return [self._close(d) for d in done]
+        return self._close_all(done)
 
     def finish(self) -> list[Gathered]:
-        return [self._close(d) for d in list(self._open) if d != self.root]
+        return self._close_all([d for d in self._open if d != self.root])
 
-    def _close(self, dkey: str) -> Gathered:
+    def _close_all(self, dkeys: list[str]) -> list[Gathered]:
+        # Each one's own marker first: a parent closing in the same batch forgets it.
+        own = {d: d in self._markers for d in dkeys}
+        return [(*self._close(d), own[d]) for d in dkeys]
+
+    def _close(self, dkey: str) -> tuple[str, dict[str, Entry], int]:
         entries, hidden = self._open.pop(dkey)
         for e in entries.values():  # every key below dkey has been seen: markers too
             if e.is_dir:
                 sub = dkey + e.name + self.sep
                 e.marker = sub in self._markers
                 self._markers.discard(sub)
-        return dkey, entries, hidden[0], dkey in self._markers  # the parent closes later
+        return dkey, entries, hidden[0]
 
 
 def _expire(listing: DirListing) -> None:
