@@ -698,9 +698,10 @@ class Storage:
             r = self._call(what, self._client.list_objects_v2, **kwargs)
             keys = [_s3key(c) for c in r.get("Contents", [])]
             prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
-            yield ListPage(keys, prefixes)
             token = r.get("NextContinuationToken")
-            if not r.get("IsTruncated") or not token:
+            more = bool(r.get("IsTruncated") and token)
+            yield ListPage(keys, prefixes, more)
+            if not more:
                 return
             kwargs["ContinuationToken"] = token
 
@@ -1171,6 +1172,7 @@ class Storage:
 class ListPage:
     keys: list[S3Key]
     prefixes: list[str]
+    more: bool = False  # more pages follow
 
 
 def _user_agent() -> str:

@@ -300,6 +300,51 @@ async def test_makedir_writes_a_marker_and_removedir_deletes_it(make_fs, storage
 
 
 @trio_test
+async def test_a_lookup_in_a_big_directory_does_not_wait_for_its_whole_listing(
+    make_fs, storage, bucket
+):
+    # cat big/x in a directory of a million keys must not list them all first.  Here pages
+    # of 3 keys, each after the first taking 0.4 s, stand for a directory of many pages.
+    for i in range(12):
+        put(storage, bucket, f"big/k{i:02d}", b"x" * i)
+    put(storage, bucket, "big/sub/f", b"1")
+    fs = make_fs()
+    real_list_pages = fs.storage.list_pages
+
+    def list_pages(bucket_: str, prefix: str, delimiter: str | None = None, **kw: Any):
+        if prefix != "big/" or not delimiter:
+            yield from real_list_pages(bucket_, prefix, delimiter, **kw)
+            return
+        for n, page in enumerate(real_list_pages(bucket_, prefix, delimiter, page_size=3)):
+            if n:
+                time.sleep(0.4)
+            yield page
+
+    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            fs.background = nursery
+            before = requests(storage)
+            with trio.fail_after(1):  # all 5 pages take 1.6 s
+                assert (await fs.getinfo("big/k11")).size == 11
+                assert not await fs.exists("big/nope")
+                assert await fs.isdir("big/sub")
+            used = since(storage, before)
+            assert used.get("HeadObject", 0) >= 2, used  # the names were asked for alone
+            assert fs.stats["lookup_probes"] == 3
+            # The listing went on in the background; once it is there, lookups use it.
+            assert len(await fs.listdir("big")) == 13
+            before = requests(storage)
+            assert (await fs.getinfo("big/k05")).size == 5
+            assert not await fs.exists("big/nope2")
+            assert since(storage, before) == {}
+            fs.background = None
+            nursery.cancel_scope.cancel()
+    finally:
+        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
+
+
+@trio_test
 async def test_removedir_deletes_a_marker_only_where_s3_has_one(make_fs, storage, bucket):
     # rm -rf of a tree a plain client uploaded: its directories exist only as key
     # prefixes, and their emptiness check (a LIST) shows there is no marker to delete.

@@ -69,6 +69,7 @@ from s3mount.core.runner import ThreadRunner
 from s3mount.core.streaming import PartStream, Uploader
 from s3mount.core.writeback import WriteBack
 from s3mount.storage import (
+    ListPage,
     NotFound,
     ObjectInfo,
     Part,
@@ -246,6 +247,7 @@ class S3FS(KeySpace):
         self.stats = self.files.stats
         self.started = time.time()
         self._listing_inflight: dict[str, trio.Event] = {}
+        self._listing_big: set[str] = set()  # of those, directories of more than one page
         self._walks: dict[str, _Walk] = {}  # flat listings of subtrees, by their root key
         self._lookups_below: dict[str, int] = {}  # dir key -> its subdirs listed for lookups
         # Directories whose tree a program is going through (readdir of one with subdirs)
@@ -280,7 +282,19 @@ class S3FS(KeySpace):
     # -- listing ----------------------------------------------------------------------------
 
     async def _listing(self, path: str, readdir: bool = False) -> DirListing:
+        listing = await self._listing_or_big(path, readdir)
+        assert listing is not None
+        return listing
+
+    async def _listing_or_big(
+        self, path: str, readdir: bool = False, big_ok: bool = False
+    ) -> DirListing | None:
         """The cached listing of a directory, fetched (once, however many ask) when stale.
+
+        ``big_ok`` (a lookup): None when the directory takes more than one page to list and
+        is not listed yet; the rest of its pages are then listed in the background, and the
+        caller asks S3 about its one name (:meth:`_probe`), instead of waiting for a listing
+        of maybe a million keys.
 
         A walk of a subtree (:meth:`_walk`) starts when a program looks like it is going
         through it: a ``readdir`` of a directory with subdirectories (``ls -R``, ``find``),
@@ -303,6 +317,8 @@ class S3FS(KeySpace):
                 return listing
             pending = self._listing_inflight.get(dkey)
             if pending is not None:
+                if big_ok and dkey in self._listing_big:
+                    return None
                 await pending.wait()
                 continue
             walk = max((w for w in self._walks.values() if w.will_list(dkey)),
@@ -315,20 +331,27 @@ class S3FS(KeySpace):
                 continue
             done = self._listing_inflight[dkey] = trio.Event()
             self.stats["listing_misses"] += 1
+            handed_off = False
             try:
                 await self.deletes.flush(dkey)  # S3's answer must not hold deleted keys
                 self.listings.begin_fetch(dkey)  # local changes meanwhile are replayed on it
                 try:
-                    pages = await self.run.read(
-                        lambda: list(self.storage.list_pages(self.bucket, dkey, delimiter=self.sep))
-                    )
+                    pages_left = self.storage.list_pages(self.bucket, dkey, delimiter=self.sep)
+                    pages = [await self.run.read(next, pages_left)]
+                    if pages[0].more and big_ok and self.background is not None:
+                        self._listing_big.add(dkey)
+                        self.background.start_soon(self._list_rest, dkey, pages_left, pages, done)
+                        handed_off = True
+                        return None
+                    pages += await self.run.read(list, pages_left)
                 except BaseException:
                     self.listings.abort_fetch(dkey)
                     raise
                 listing = self.listings.put(dkey, *entries_from_pages(dkey, pages))
             finally:
-                del self._listing_inflight[dkey]
-                done.set()
+                if not handed_off:
+                    del self._listing_inflight[dkey]
+                    done.set()
             if readdir:
                 self._note_enumeration(dkey, listing)
                 self._maybe_walk(dkey, listing)
@@ -339,6 +362,63 @@ class S3FS(KeySpace):
                 if self._lookups_below[parent] >= 2 and above is not None:
                     self._maybe_walk(parent, above)
             return listing
+
+    async def _list_rest(
+        self, dkey: str, pages_left: Iterator[ListPage], pages: list[ListPage], done: trio.Event
+    ) -> None:
+        """The other pages of a big directory's listing, in the background (see
+        :meth:`_listing_or_big`); on failure, the next reader lists it again."""
+        try:
+            pages += await self.run.read(list, pages_left)
+            self.listings.put(dkey, *entries_from_pages(dkey, pages))
+        except BaseException as exc:
+            self.listings.abort_fetch(dkey)
+            if not isinstance(exc, Exception):
+                raise
+            log.debug("listing of %s failed: %s", dkey or "/", exc)
+        finally:
+            self._listing_big.discard(dkey)
+            del self._listing_inflight[dkey]
+            done.set()
+
+    async def _probe(self, path: str) -> Entry | None:
+        """A lookup of ``path`` asked of S3 directly: a HEAD of its key (a file) and a
+        one-key LIST below it (a directory), in parallel; for a name in a directory still
+        being listed (:meth:`_listing_or_big`).  The HEAD brings the file's metadata too."""
+        key = self.key(path)
+        found: dict[str, ObjectInfo | bool] = {}
+
+        async def file() -> None:
+            if self.deletes.hides(key):
+                return  # unlinked here, its delete not sent yet
+            with contextlib.suppress(NotFound):
+                found["file"] = await self.run.read(self.storage.head, self.s3name(key))
+
+        async def directory() -> None:
+            below = key + self.sep
+            await self.deletes.flush(below)
+            page = await self.run.read(
+                next, self.storage.list_pages(self.bucket, below, page_size=1), None
+            )
+            found["dir"] = page is not None and bool(page.keys or page.prefixes)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(file)
+                nursery.start_soon(directory)
+        except ExceptionGroup as group:
+            raise first_leaf(group) from None
+        self.stats["lookup_probes"] += 1
+        name = self.split(path)[1]
+        if found.get("dir"):  # a directory wins over a file, as in a listing
+            return Entry(name, True)
+        info = found.get("file")
+        if not isinstance(info, ObjectInfo):
+            return None
+        modified = info.last_modified.timestamp()
+        meta = ObjectMeta(info.metadata, info.content_type)
+        self.meta_cache.put(self.meta_key(path, False), info.etag, modified, meta)
+        return Entry(name, False, info.size, modified, info.etag, meta)
 
     def _enumeration(self, dkey: str) -> str | None:
         """The directory holding ``dkey`` whose tree a program is going through, if any."""
@@ -513,7 +593,8 @@ class S3FS(KeySpace):
         parent, name = self.split(path)
         # Neither open nor journaled, so the listing alone knows it (merging the directory's
         # local entries here would cost O(pending uploads) per lookup).
-        entry = (await self._listing(parent)).entries.get(name)
+        listing = await self._listing_or_big(parent, big_ok=True)
+        entry = listing.entries.get(name) if listing is not None else await self._probe(path)
         if entry is None:
             raise ResourceNotFound(path)
         if meta:
