@@ -6,6 +6,7 @@ wrote is checked through boto3, and what it cost through the storage's request c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -14,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,24 @@ def since(storage: Storage, before: dict[str, int]) -> dict[str, int]:
     """Requests sent since ``before`` (a :func:`requests` snapshot), by operation."""
     now = requests(storage)
     return {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}
+
+
+@contextlib.asynccontextmanager
+async def listing_with(fs: S3FS, list_pages: Callable[..., Any]) -> AsyncIterator[None]:
+    """``fs`` with a background nursery, as the daemon gives it (walks, the rest of a big
+    listing), and its storage's ``list_pages`` replaced; both undone on the way out."""
+    real_list_pages = fs.storage.list_pages
+    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            fs.background = nursery
+            try:
+                yield
+            finally:
+                fs.background = None
+                nursery.cancel_scope.cancel()
+    finally:
+        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
 
 
 def bytes_in(storage: Storage) -> int:
@@ -320,28 +339,21 @@ async def test_a_lookup_in_a_big_directory_does_not_wait_for_its_whole_listing(
                 time.sleep(0.4)
             yield page
 
-    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
-    try:
-        async with trio.open_nursery() as nursery:
-            fs.background = nursery
-            before = requests(storage)
-            with trio.fail_after(1):  # all 5 pages take 1.6 s
-                assert (await fs.getinfo("big/k11")).size == 11
-                assert not await fs.exists("big/nope")
-                assert await fs.isdir("big/sub")
-            used = since(storage, before)
-            assert used.get("HeadObject", 0) >= 2, used  # the names were asked for alone
-            assert fs.stats["lookup_probes"] == 3
-            # The listing went on in the background; once it is there, lookups use it.
-            assert len(await fs.listdir("big")) == 13
-            before = requests(storage)
-            assert (await fs.getinfo("big/k05")).size == 5
-            assert not await fs.exists("big/nope2")
-            assert since(storage, before) == {}
-            fs.background = None
-            nursery.cancel_scope.cancel()
-    finally:
-        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
+    async with listing_with(fs, list_pages):
+        before = requests(storage)
+        with trio.fail_after(1):  # all 5 pages take 1.6 s
+            assert (await fs.getinfo("big/k11")).size == 11
+            assert not await fs.exists("big/nope")
+            assert await fs.isdir("big/sub")
+        used = since(storage, before)
+        assert used.get("HeadObject", 0) >= 2, used  # the names were asked for alone
+        assert fs.stats["lookup_probes"] == 3
+        # The listing went on in the background; once it is there, lookups use it.
+        assert len(await fs.listdir("big")) == 13
+        before = requests(storage)
+        assert (await fs.getinfo("big/k05")).size == 5
+        assert not await fs.exists("big/nope2")
+        assert since(storage, before) == {}
 
 
 @trio_test
@@ -478,21 +490,16 @@ async def test_a_walk_far_behind_does_not_hold_up_the_directories_a_program_list
                 release.wait(30)  # stalled until the test ends
             yield page
 
-    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
     try:
-        async with trio.open_nursery() as nursery:
-            fs.background = nursery
+        async with listing_with(fs, list_pages):
             assert await fs.listdir("/") == ["aaa", "zzz"]  # ls of the top: a walk of it all
             assert "" in fs._walks
             with trio.fail_after(10):
                 assert await fs.listdir("zzz") == ["d0", "d1", "d2"]
                 assert await fs.listdir("zzz/d2") == ["f0", "f1"]
             assert fs.listings.get("zzz/d1/") is not None  # from zzz's own walk
-            fs.background = None
-            nursery.cancel_scope.cancel()
     finally:
         release.set()
-        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
 
 
 @trio_test
@@ -526,41 +533,34 @@ async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucke
             while fs._walks:
                 await trio.sleep(0.01)
 
-    fs.storage.list_pages = list_pages  # type: ignore[method-assign]
-    try:
-        async with trio.open_nursery() as nursery:
-            fs.background = nursery
-            for path in ("a", "a/x", "b", "b/y"):  # the kernel's lookups, one name each
-                await fs.getinfo(path)  # b: a second top-level directory, a walk of it all
-            assert "" in fs._walks
-            await walk_done()
-            assert pages == 3  # WALK_LEAD pages: a/x b/y, c/d0/f0 c/d0/f1, c/d1/..
+    async with listing_with(fs, list_pages):
+        for path in ("a", "a/x", "b", "b/y"):  # the kernel's lookups, one name each
+            await fs.getinfo(path)  # b: a second top-level directory, a walk of it all
+        assert "" in fs._walks
+        await walk_done()
+        assert pages == 3  # WALK_LEAD pages: a/x b/y, c/d0/f0 c/d0/f1, c/d1/..
 
-            fs.invalidate()
-            pages = 0
-            # A slow machine may take longer than 0.3 s between two stats: the walk would
-            # stop waiting.  It ends at the bucket's end here, so a longer wait costs nothing.
-            monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 5.0)
-            for path in ("a", "a/x", "b", "b/y"):
-                await fs.getinfo(path)
-            for d in range(10):  # stat of every file, in the walk's order
-                assert (await fs.getinfo(f"c/d{d}/f1")).size == 0
-            await walk_done()
-            # The program used it, so it went far past WALK_LEAD pages: all 11 (22 keys), or
-            # 10 on a busy machine, where the program can run a page ahead of the walk and
-            # list its last directories itself.
-            assert pages >= 10
+        fs.invalidate()
+        pages = 0
+        # A slow machine may take longer than 0.3 s between two stats: the walk would
+        # stop waiting.  It ends at the bucket's end here, so a longer wait costs nothing.
+        monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 5.0)
+        for path in ("a", "a/x", "b", "b/y"):
+            await fs.getinfo(path)
+        for d in range(10):  # stat of every file, in the walk's order
+            assert (await fs.getinfo(f"c/d{d}/f1")).size == 0
+        await walk_done()
+        # The program used it, so it went far past WALK_LEAD pages: all 11 (22 keys), or
+        # 10 on a busy machine, where the program can run a page ahead of the walk and
+        # list its last directories itself.
+        assert pages >= 10
 
-            monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 0.3)
-            fs.invalidate()
-            pages = 0
-            assert await fs.listdir("/") == ["a", "b", "c"]  # ls of the top: a walk
-            await walk_done()
-            assert pages == 3
-            fs.background = None
-            nursery.cancel_scope.cancel()
-    finally:
-        fs.storage.list_pages = real_list_pages  # type: ignore[method-assign]
+        monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 0.3)
+        fs.invalidate()
+        pages = 0
+        assert await fs.listdir("/") == ["a", "b", "c"]  # ls of the top: a walk
+        await walk_done()
+        assert pages == 3
 
 
 @trio_test
