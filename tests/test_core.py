@@ -23,7 +23,7 @@ import botocore.exceptions
 import pytest
 import trio
 
-from s3mount.core import s3fs as s3fs_module
+from s3mount.core import lister as lister_module
 from s3mount.core.errors import (
     DirectoryNotEmpty,
     FSError,
@@ -493,7 +493,7 @@ async def test_a_walk_far_behind_does_not_hold_up_the_directories_a_program_list
     try:
         async with listing_with(fs, list_pages):
             assert await fs.listdir("/") == ["aaa", "zzz"]  # ls of the top: a walk of it all
-            assert "" in fs._walks
+            assert "" in fs.lister._walks
             with trio.fail_after(10):
                 assert await fs.listdir("zzz") == ["d0", "d1", "d2"]
                 assert await fs.listdir("zzz/d2") == ["f0", "f1"]
@@ -514,7 +514,7 @@ async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucke
     for d in range(10):
         put(storage, bucket, f"c/d{d}/f0")
         put(storage, bucket, f"c/d{d}/f1")
-    monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 0.3)  # how long it waits for a program
+    monkeypatch.setattr(lister_module, "WALK_PAUSE", 0.3)  # how long it waits for a program
     fs = make_fs(metadata="listing")
     real_list_pages = storage.list_pages
     pages = 0
@@ -530,13 +530,13 @@ async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucke
 
     async def walk_done() -> None:
         with trio.fail_after(10):
-            while fs._walks:
+            while fs.lister._walks:
                 await trio.sleep(0.01)
 
     async with listing_with(fs, list_pages):
         for path in ("a", "a/x", "b", "b/y"):  # the kernel's lookups, one name each
             await fs.getinfo(path)  # b: a second top-level directory, a walk of it all
-        assert "" in fs._walks
+        assert "" in fs.lister._walks
         await walk_done()
         assert pages == 3  # WALK_LEAD pages: a/x b/y, c/d0/f0 c/d0/f1, c/d1/..
 
@@ -544,7 +544,7 @@ async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucke
         pages = 0
         # A slow machine may take longer than 0.3 s between two stats: the walk would
         # stop waiting.  It ends at the bucket's end here, so a longer wait costs nothing.
-        monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 5.0)
+        monkeypatch.setattr(lister_module, "WALK_PAUSE", 5.0)
         for path in ("a", "a/x", "b", "b/y"):
             await fs.getinfo(path)
         for d in range(10):  # stat of every file, in the walk's order
@@ -555,7 +555,7 @@ async def test_a_walk_goes_on_only_while_programs_use_it(make_fs, storage, bucke
         # list its last directories itself.
         assert pages >= 10
 
-        monkeypatch.setattr(s3fs_module, "WALK_PAUSE", 0.3)
+        monkeypatch.setattr(lister_module, "WALK_PAUSE", 0.3)
         fs.invalidate()
         pages = 0
         assert await fs.listdir("/") == ["a", "b", "c"]  # ls of the top: a walk

@@ -125,7 +125,7 @@ class MetadataResolver:
     async def presample(self, dkey: str, walk_root: str) -> None:
         """Sample a listed directory before the program gets there (``find`` and ``ls -lR``
         would otherwise wait for one HEAD per directory, one directory after another).
-        ``walk_root``: the directory the program is going through (S3FS._note_enumeration);
+        ``walk_root``: the directory the program is going through (Lister._note_enumeration);
         one HEAD when it is plain, as below any plain directory.  Only for the "auto" mode
         (the caller checks it)."""
         async with self._presample_limiter:
