@@ -146,7 +146,7 @@ class Lister:
 
         ``big_ok`` (a lookup): None when the directory takes more than one page to list and
         is not listed yet; the rest of its pages are then listed in the background, and the
-        caller asks S3 about its one name (:meth:`_probe`), instead of waiting for a listing
+        caller asks S3 about its one name (:meth:`probe`), instead of waiting for a listing
         of maybe a million keys.
 
         A walk of a subtree (:meth:`_walk`) starts when a program looks like it is going
@@ -222,7 +222,7 @@ class Lister:
         self, dkey: str, pages_left: Iterator[ListPage], pages: list[ListPage], done: trio.Event
     ) -> None:
         """The other pages of a big directory's listing, in the background (see
-        :meth:`_listing_or_big`); on failure, the next reader lists it again."""
+        :meth:`listing_or_big`); on failure, the next reader lists it again."""
         try:
             pages += await self.run.read(list, pages_left)
             self.listings.put(dkey, *entries_from_pages(dkey, pages))
@@ -239,7 +239,7 @@ class Lister:
     async def probe(self, path: str) -> Entry | None:
         """A lookup of ``path`` asked of S3 directly: a HEAD of its key (a file) and a
         one-key LIST below it (a directory), in parallel; for a name in a directory still
-        being listed (:meth:`_listing_or_big`).  The HEAD brings the file's metadata too."""
+        being listed (:meth:`listing_or_big`).  The HEAD brings the file's metadata too."""
         key = self.keys.key(path)
         found: dict[str, ObjectInfo | bool] = {}
 
