@@ -48,11 +48,7 @@ from s3mount.core.filecache import BLOCK, MAX_READAHEAD, CachedFile, FileCache
 from s3mount.core.journal import Journal, Record
 from s3mount.core.keys import KeySpace
 from s3mount.core.lister import Lister
-from s3mount.core.listing import (
-    DirListing,
-    Entry,
-    ListingCache,
-)
+from s3mount.core.listing import Entry, ListingCache
 from s3mount.core.metadata import (
     CTIME,
     MAX_METADATA,
@@ -219,9 +215,6 @@ class S3FS(KeySpace):
 
     # -- listing ----------------------------------------------------------------------------
 
-    async def _listing(self, path: str, readdir: bool = False) -> DirListing:
-        return await self.lister.listing(path, readdir)
-
     def _local_entries(self, dkey: str) -> Iterator[Entry]:
         """Files open in this directory, and journaled files and directories: not in S3 yet,
         maybe."""
@@ -246,7 +239,7 @@ class S3FS(KeySpace):
                 )
 
     async def _entries(self, path: str, readdir: bool = False) -> dict[str, Entry]:
-        listing = await self._listing(path, readdir)
+        listing = await self.lister.listing(path, readdir)
         local = list(self._local_entries(self.dir_key(path)))
         if not local:
             return listing.entries
@@ -459,7 +452,7 @@ class S3FS(KeySpace):
         dkey = self.dir_key(path)
         self.listings.invalidate(dkey)  # emptiness must be checked against the server
         entries = await self._entries(path)
-        listing = await self._listing(path)
+        listing = await self.lister.listing(path)
         hidden = listing.hidden  # keys that cannot be shown as names
         if (entries or hidden) and not (recursive or force):
             raise DirectoryNotEmpty(path)
