@@ -246,13 +246,14 @@ class Operations(pyfuse3.Operations):
             else:
                 await self.fs.truncate(path, attr.st_size)
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_mtime:
-            await self.fs.set_attrs(
+            info = await self.fs.set_attrs(
                 path,
                 mode=attr.st_mode if fields.update_mode else None,
                 uid=attr.st_uid if fields.update_uid else None,
                 gid=attr.st_gid if fields.update_gid else None,
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             )
+            return self._attr(inode, info)
         return await self._getattr_path(inode, path)
 
     # -- directories ------------------------------------------------------------------------

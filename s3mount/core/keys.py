@@ -8,6 +8,10 @@ from s3mount.core.errors import InvalidPath, NameTooLong
 from s3mount.core.listing import NAME_MAX
 from s3mount.storage import S3Facts, S3Name
 
+# Paths whose normal form and key are remembered: one FUSE request asks for the same path
+# several times (tar's create, chown, chmod, utimens and close of one file: 36 times).
+REMEMBERED_PATHS = 4096
+
 
 class KeySpace:
     """``/a/b`` paths onto the keys ``PREFIX + "a" + SEP + "b"`` of ``bucket``.
@@ -21,9 +25,18 @@ class KeySpace:
         self.bucket = bucket
         self.sep = separator
         self.prefix = prefix.strip(separator) + separator if prefix.strip(separator) else ""
+        self._normed: dict[str, str] = {}
+        self._keys: dict[str, str] = {}
 
     def norm(self, path: str) -> str:
         """'/a/b' form of a path; refuses '..' above the root and bad names."""
+        p = self._normed.get(path)
+        if p is None:
+            p = self._normalize(path)
+            _remember(self._normed, path, p)
+        return p
+
+    def _normalize(self, path: str) -> str:
         p = posixpath.normpath("/" + path)  # no strip(): "a " and "a" are two names
         if p.startswith("//"):
             p = "/" + p.lstrip("/")
@@ -38,6 +51,13 @@ class KeySpace:
 
     def key(self, path: str) -> str:
         """The object key of a file path."""
+        key = self._keys.get(path)
+        if key is None:
+            key = self._key(path)
+            _remember(self._keys, path, key)
+        return key
+
+    def _key(self, path: str) -> str:
         p = self.norm(path)
         if p == "/":
             return self.prefix
@@ -80,3 +100,9 @@ class KeySpace:
         """A normalized path's parent and name."""
         parent, name = posixpath.split(path)
         return parent or "/", name
+
+
+def _remember(memo: dict[str, str], path: str, value: str) -> None:
+    if len(memo) >= REMEMBERED_PATHS:
+        memo.clear()
+    memo[path] = value

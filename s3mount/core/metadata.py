@@ -24,6 +24,7 @@ import os
 import sqlite3
 import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 from urllib.parse import quote, unquote
 
 log = logging.getLogger(__name__)
@@ -41,28 +42,31 @@ def headers_size(headers: dict[str, str]) -> int:
 
 @dataclass(frozen=True)
 class ObjectMeta:
-    """What a HEAD told about an object, as far as the file system cares."""
+    """What a HEAD told about an object, as far as the file system cares.
+
+    Its headers are never changed in place (a change makes a new ObjectMeta), so the POSIX
+    fields are parsed once, when first asked for."""
 
     headers: dict[str, str] = field(default_factory=dict)  # user metadata, all of it
     content_type: str = ""
 
-    @property
+    @cached_property
     def mode(self) -> int | None:
         return _int(self.headers.get(MODE))
 
-    @property
+    @cached_property
     def uid(self) -> int | None:
         return _int(self.headers.get(UID))
 
-    @property
+    @cached_property
     def gid(self) -> int | None:
         return _int(self.headers.get(GID))
 
-    @property
+    @cached_property
     def mtime_ns(self) -> int | None:
         return parse_ns(self.headers.get(MTIME))
 
-    @property
+    @cached_property
     def ctime_ns(self) -> int | None:
         return parse_ns(self.headers.get(CTIME))
 
@@ -71,7 +75,7 @@ class ObjectMeta:
         """Whether the object carries any POSIX attribute (s3fs-fuse's or rclone's headers)."""
         return any(h in self.headers for h in (MODE, UID, GID, MTIME))
 
-    @property
+    @cached_property
     def is_symlink(self) -> bool:
         m = self.mode
         return m is not None and stat.S_ISLNK(m)
