@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 
 from s3mount.core.errors import InvalidPath, NameTooLong
 from s3mount.core.listing import NAME_MAX
@@ -30,11 +31,7 @@ class KeySpace:
 
     def norm(self, path: str) -> str:
         """'/a/b' form of a path; refuses '..' above the root and bad names."""
-        p = self._normed.get(path)
-        if p is None:
-            p = self._normalize(path)
-            _remember(self._normed, path, p)
-        return p
+        return _remembered(self._normed, path, self._normalize)
 
     def _normalize(self, path: str) -> str:
         p = posixpath.normpath("/" + path)  # no strip(): "a " and "a" are two names
@@ -51,11 +48,7 @@ class KeySpace:
 
     def key(self, path: str) -> str:
         """The object key of a file path."""
-        key = self._keys.get(path)
-        if key is None:
-            key = self._key(path)
-            _remember(self._keys, path, key)
-        return key
+        return _remembered(self._keys, path, self._key)
 
     def _key(self, path: str) -> str:
         p = self.norm(path)
@@ -102,7 +95,12 @@ class KeySpace:
         return parent or "/", name
 
 
-def _remember(memo: dict[str, str], path: str, value: str) -> None:
-    if len(memo) >= REMEMBERED_PATHS:
-        memo.clear()
-    memo[path] = value
+def _remembered(memo: dict[str, str], path: str, compute: Callable[[str], str]) -> str:
+    """``compute(path)``, remembered in ``memo`` (emptied when full); errors are not."""
+    value = memo.get(path)
+    if value is None:
+        value = compute(path)
+        if len(memo) >= REMEMBERED_PATHS:
+            memo.clear()
+        memo[path] = value
+    return value
