@@ -368,8 +368,13 @@ class Bench:
                         tool.name, w, units[w], getattr(wl, w), tool
                     )
                 rss[phase] = peak_rss_kib(tool.pid)
-            finally:
-                tool.unmount()
+            except BaseException:
+                # Interrupted (or failed) mid-workload, the mount may be busy: a failed
+                # unmount must not hide why we stop (the janitor unmounts it lazily).
+                with contextlib.suppress(Exception):
+                    tool.unmount()
+                raise
+            tool.unmount()
         entry["rss_kib_by_phase"] = rss
         entry["peak_rss_kib"] = max((v for v in rss.values() if v), default=None)
         return entry
