@@ -257,6 +257,61 @@ def test_random_reads_fetch_the_whole_file_in_the_background(
     assert sorted(fetched) == list(range(40))  # each block once
 
 
+def test_whole_file_parts_are_read_from_memory_while_their_store_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part of the whole-file fetch serves reads as soon as it arrives, before a worker
+    thread has copied it into the local file; at most twice the parts in flight wait in
+    memory for that copy, and in the end every block is in the file and none in memory."""
+    data = os.urandom(16 * filecache.FETCH_PART)
+    real_pwrite_all = filecache._pwrite_all
+    may_store = threading.Event()
+
+    def held_back_pwrite_all(fd: int, pieces: list[tuple[memoryview, int]]) -> None:
+        if sum(len(p) for p, _ in pieces) > MiB:  # a part, not a read's own block
+            may_store.wait()
+        real_pwrite_all(fd, pieces)
+
+    monkeypatch.setattr(filecache, "_pwrite_all", held_back_pwrite_all)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        await trio.sleep(0.001)
+        return data[start : start + length]
+
+    async def main() -> None:
+        path = tmp_path / "open-1"
+        cf = CachedFile(str(path), os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "k",
+                        len(data), "etag", fetch)  # fmt: skip
+        cf.open_count = 1
+        part_blocks = filecache.FETCH_PART // MiB
+        try:
+            async with trio.open_nursery() as nursery:
+                spawn = nursery.start_soon
+                assert await cf.read(5 * MiB, 4096, spawn=spawn) == data[5 * MiB :][:4096]
+                # A backward jump starts the whole-file fetch; its first parts arrive
+                # and are read while no store can finish.
+                off = 3 * MiB
+                with trio.fail_after(10):
+                    got = await cf.read(off, 4096, spawn=spawn, random=True)
+                    assert got == data[off : off + 4096]
+                    off = filecache.FETCH_PART + 7 * MiB
+                    got = await cf.read(off, 4096, spawn=spawn, random=True)
+                    assert got == data[off : off + 4096]
+                await trio.sleep(0.2)  # the fetch is now stalled on the stores
+                parts_in_memory = len(cf._held) / part_blocks
+                assert 2 <= parts_in_memory <= 2 * filecache.FETCH_ALL_PARTS
+                assert len(cf.present) <= 2  # the reads' own first blocks
+                may_store.set()
+            assert not cf._held
+            assert len(cf.present) == len(data) // MiB
+            assert await cf.read(0, len(data)) == data
+        finally:
+            may_store.set()
+            cf.close()
+
+    trio.run(main)
+
+
 def test_sequential_reads_stay_in_memory_and_a_change_stores_them_first(tmp_path: Path) -> None:
     # A streamed read keeps what it fetches in memory, never in the local file, and drops it
     # behind the reader; a write or a truncate first stores what is held, so that reads after
