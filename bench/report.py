@@ -107,7 +107,12 @@ def document(data: dict[str, Any]) -> str:
     counted = any(
         "server_requests" in r for v in data["tools"].values() for r in v["results"].values()
     )
-    return table(data) + ("\n" + requests_table(data) if counted else "")
+    text = table(data) + ("\n" + requests_table(data) if counted else "")
+    done, wanted = data["meta"].get("rounds_done", {}), data["meta"].get("rounds", 1)
+    if any(n < wanted for n in done.values()):
+        rounds = ", ".join(f"{t} {n}" for t, n in done.items())
+        text = f"**Incomplete run** (rounds done of {wanted}: {rounds}).\n\n" + text
+    return text
 
 
 def chart(data: dict[str, Any], path: Path) -> bool:

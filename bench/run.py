@@ -406,6 +406,7 @@ class Bench:
                 "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
                 "rtt_ms": self.args.rtt_ms,
                 "scale": self.args.scale,
+                "rounds": self.args.rounds,
                 "sizes": self.sizes.__dict__,
                 "machine": machine_info(),
                 "versions": versions(),
@@ -433,12 +434,14 @@ class Bench:
             for tool in tools:
                 prefix = f"t-{tool.name}" + (f"-r{n + 1}" if self.args.rounds > 1 else "")
                 rounds[tool.name].append(self._run_round(tool, prefix, n))
-        for tool in tools:
-            self.data["tools"][tool.name] = median_entry(rounds[tool.name])
-        self.data["meta"]["drop_caches"] = self.drop_caches_ok
-        self.data["meta"]["wall_seconds"] = round(
-            (datetime.datetime.now().astimezone() - started).total_seconds(), 1
-        )
+                # Saved after every round: a run killed at hour two keeps what it measured.
+                self.data["tools"][tool.name] = median_entry(rounds[tool.name])
+                self.data["meta"]["rounds_done"] = {k: len(v) for k, v in rounds.items()}
+                self.data["meta"]["drop_caches"] = self.drop_caches_ok
+                self.data["meta"]["wall_seconds"] = round(
+                    (datetime.datetime.now().astimezone() - started).total_seconds(), 1
+                )
+                self.save()
         return self.data
 
     def _run_round(self, tool: MountTool | Raw, prefix: str, n: int) -> dict[str, Any]:
@@ -454,11 +457,15 @@ class Bench:
             delete_prefix(self.direct, f"{prefix}/")
         return entry
 
-    def write_outputs(self) -> None:
+    def save(self) -> str:
+        """Write results.json and results.md as they stand; return the table's text."""
         (self.out / "results.json").write_text(json.dumps(self.data, indent=2) + "\n")
         text = report.document(self.data)
         (self.out / "results.md").write_text(text)
-        print(text)
+        return text
+
+    def write_outputs(self) -> None:
+        print(self.save())
         if report.chart(self.data, self.out / "results.png"):
             log(f"chart: {self.out / 'results.png'}")
         log(f"results: {self.out / 'results.json'}")

@@ -147,6 +147,29 @@ def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     nothing_left(tmp_path, pids)
 
 
+def test_interrupted_run_keeps_the_rounds_it_finished(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    p = harness("--rtt-ms", "0", "--rounds", "50", "--tools", "s3mount",
+                "--workloads", "rm_rf", "--out", str(out), tmp_path=tmp_path)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "results.json").exists():  # written after each round
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    done = data["meta"]["rounds_done"]["s3mount"]
+    assert 1 <= done < 50
+    assert len(data["tools"]["s3mount"]["results"]["rm_rf"].get("rounds", [None])) == done
+    assert "Incomplete run" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("rtt_ms", [0.0, 20.0])
 def test_latency_proxy_adds_the_round_trip(rtt_ms: float) -> None:
     """One request/response through the proxy takes one added round trip, no less."""
