@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +31,8 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
 from bench.latencyproxy import LatencyProxy  # noqa: E402
 from bench.tools import is_mounted, mounted_paths  # noqa: E402
 from bench.workloads import WORKLOAD_NAMES  # noqa: E402
+
+T = TypeVar("T")
 
 
 def harness(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
@@ -60,6 +64,24 @@ def nothing_left(tmp_path: Path, pids: list[int]) -> None:
             except OSError:
                 continue
             assert str(tmp_path).encode() not in cmdline, cmdline
+
+
+def terminate_when(p: subprocess.Popen[str], ready: Callable[[], T], timeout: float,
+                   ) -> tuple[T, str]:  # fmt: skip
+    """SIGTERM the harness once ``ready()`` is true; return what it was, and the stderr."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not (value := ready()):
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"{ready} never came true"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, stderr[-3000:]
+    return value, stderr
 
 
 def test_tiny_run_measures_everything(tmp_path: Path) -> None:
@@ -126,20 +148,11 @@ def test_rounds_report_the_median_of_fresh_runs(tmp_path: Path) -> None:
 def test_interrupted_run_cleans_up(tmp_path: Path) -> None:
     p = harness("--rtt-ms", "5", "--tools", "s3mount", "--workloads", "seq_write,ls_cold",
                 "--out", str(tmp_path / "out"), tmp_path=tmp_path)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        mnt = None
-        while mnt is None:  # wait until the harness has mounted something
-            assert p.poll() is None, p.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the harness never mounted"
-            mnt = next((m for m in mounted_paths() if m.startswith(str(tmp_path))), None)
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        _, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, stderr[-3000:]
+
+    def mounted() -> str | None:  # whatever the harness has mounted
+        return next((m for m in mounted_paths() if m.startswith(str(tmp_path))), None)
+
+    mnt, stderr = terminate_when(p, mounted, 60)
     assert "interrupted" in stderr
     assert not is_mounted(Path(mnt))
     pids = [int(x) for x in re.findall(r"(?:s3server|latencyproxy) pid (\d+)", stderr)]
@@ -151,18 +164,7 @@ def test_interrupted_run_keeps_the_rounds_it_finished(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = harness("--rtt-ms", "0", "--rounds", "50", "--tools", "s3mount",
                 "--workloads", "rm_rf", "--out", str(out), tmp_path=tmp_path)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "results.json").exists():  # written after each round
-            assert p.poll() is None, p.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no round finished"
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
-        _, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, stderr[-3000:]
+    _, stderr = terminate_when(p, (out / "results.json").exists, 120)  # written after a round
     data = json.loads((out / "results.json").read_text())
     done = data["meta"]["rounds_done"]["s3mount"]
     assert 1 <= done < 50

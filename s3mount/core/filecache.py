@@ -47,6 +47,9 @@ FETCH_PART = 16 * MiB
 WHOLE_FILE_RATIO = 32
 WHOLE_FILE_EAGER = 256 * MiB
 FETCH_ALL_PARTS = 4
+# Parts of a whole-file fetch in memory at once: in flight, or arrived and waiting for a
+# thread to store them (a store can take longer than a GET on a VM short of fresh pages).
+FETCH_ALL_HELD = FETCH_ALL_PARTS + 2
 # Blocks a sequential reader has passed stay in memory this far behind it (the kernel's
 # readahead requests arrive a little out of order).
 HELD_BEHIND = FETCH_PART // BLOCK
@@ -336,9 +339,9 @@ class CachedFile:
         A part is readable from memory as soon as it arrives; a worker thread then copies it
         into the local file.  That copy can take longer than the GET (100-190 ms for 16 MiB
         measured here, when the kernel has to find fresh pages), so it is off the readers'
-        path, and up to FETCH_ALL_PARTS more parts may wait in memory for it."""
+        path, and up to FETCH_ALL_HELD parts in all may be in memory meanwhile."""
         transfers = trio.Semaphore(FETCH_ALL_PARTS)
-        in_memory = trio.Semaphore(2 * FETCH_ALL_PARTS)  # fetching or waiting to be stored
+        in_memory = trio.Semaphore(FETCH_ALL_HELD)  # fetching or waiting to be stored
 
         async def fetch_part(start: int, end: int) -> None:
             try:
