@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -363,3 +365,43 @@ def test_a_file_bigger_than_a_quarter_of_the_disk_cache_is_streamed(tmp_path: Pa
     assert not files.new("small", 2 * MiB, "e", fetch).hold_reads
     assert files.new("big", 2 * MiB + 1, "e", fetch).hold_reads
     assert FileCache(str(tmp_path / "none")).new("any", 1, "e", fetch).hold_reads
+
+
+def resident_bytes(path: str) -> int:
+    """How much of ``path`` is in the page cache (util-linux's fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return int(out.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux's fincore")
+def test_released_pages_leave_the_page_cache_and_keep_their_bytes(tmp_path: Path) -> None:
+    # A streamed upload releases what it has sent: the first call starts the write-back,
+    # a later one drops the pages, now clean.  The bytes stay in the file.
+    data = os.urandom(8 * MiB)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        raise AssertionError("nothing is fetched")
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(data[:MiB])
+    with open(probe, "rb") as f:
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_bytes(str(probe)) == MiB:  # tmpfs, for one
+        pytest.skip("this file system keeps its pages whatever fadvise says")
+
+    async def main() -> None:
+        cf = cached_file(tmp_path, b"", fetch)
+        try:
+            os.pwrite(cf.fd, data, 0)
+            assert resident_bytes(cf.path) == len(data)
+            await cf.release_pages(len(data))
+            os.fdatasync(cf.fd)  # (the write-back the first call started, finished)
+            await cf.release_pages(len(data))
+            assert resident_bytes(cf.path) < len(data) // 4
+            assert os.pread(cf.fd, len(data), 0) == data
+        finally:
+            cf.close()
+
+    trio.run(main)

@@ -881,9 +881,11 @@ class S3FS(KeySpace):
             return upload_id, ObjectMeta(meta.headers, options.extra_args(name.key)["ContentType"])
 
         async def send(upload_id: str, number: int, offset: int, length: int) -> Part:
-            return await self.run(
+            part = await self.run(
                 self.storage.multipart_part, name, upload_id, number, path, offset, length
             )
+            await cf.release_pages(offset + length)  # sent: its pages can go
+            return part
 
         async def finish(upload_id: str, parts: list[Part]) -> str:
             return await self.run(self.storage.multipart_finish, name, upload_id, parts)
