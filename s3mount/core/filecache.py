@@ -195,19 +195,16 @@ class CachedFile:
         """Write fetched ``pieces`` (data, offset) of ``blocks`` in a worker thread: copying
         16 MiB into the page cache takes 5-30 ms (longer when the kernel throttles dirty
         pages), which every other request would wait for on the event loop.  Changes to
-        these blocks wait meanwhile (:meth:`_settle`).  The thread writes through its own
-        duplicate of the descriptor, which a close meanwhile leaves valid."""
+        these blocks wait meanwhile (:meth:`_settle`)."""
         done = trio.Event()
         for b in blocks:
             self._storing[b] = done
-        fd = os.dup(self.fd)
         try:
-            await trio.to_thread.run_sync(_pwrite_all, fd, pieces)
+            await self._in_thread(_pwrite_all, pieces)
             self.present.update(blocks)
             for b in blocks:
                 self._held.pop(b, None)
         finally:
-            os.close(fd)
             for b in blocks:
                 del self._storing[b]
             done.set()
@@ -221,11 +218,17 @@ class CachedFile:
         this way (docs/benchmarks.md, "The machine")."""
         if self.closed or end <= 0:
             return
-        fd = os.dup(self.fd)
         try:
-            await trio.to_thread.run_sync(os.posix_fadvise, fd, 0, end, os.POSIX_FADV_DONTNEED)
+            await self._in_thread(os.posix_fadvise, 0, end, os.POSIX_FADV_DONTNEED)
         except OSError as exc:  # only a hint: the pages stay cached
             log.debug("fadvise of %s failed: %s", self.key, exc)
+
+    async def _in_thread(self, fn: Callable[..., object], *args: object) -> None:
+        """``fn(fd, *args)`` in a worker thread, ``fd`` a duplicate of the local file's
+        descriptor: a close (or a copy-on-write move) meanwhile leaves it valid."""
+        fd = os.dup(self.fd)
+        try:
+            await trio.to_thread.run_sync(fn, fd, *args)
         finally:
             os.close(fd)
 
@@ -425,16 +428,13 @@ class CachedFile:
         """Copy-on-write: move to a private copy of the first ``keep`` bytes, copied by a
         worker thread (a big file takes a while; reads go on meanwhile, changes wait)."""
         fd, path = _make_temp(os.path.dirname(self.path))
-        src = os.dup(self.fd)  # valid for the thread whatever happens to self.fd
         try:
-            await trio.to_thread.run_sync(_copy_head, src, fd, keep)
+            await self._in_thread(_copy_head, fd, keep)
             os.ftruncate(fd, self.size)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
-        finally:
-            os.close(src)
         os.close(self.fd)
         os.unlink(self.path)  # the journal's link keeps the data it promised
         self.fd, self.path = fd, path
