@@ -30,16 +30,6 @@ def is_mounted(path: Path) -> bool:
     return str(path) in mounted_paths()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def peak_rss_kib(pid: int | None) -> int | None:
     """The process's peak resident set size (VmHWM), in KiB; None if it is gone."""
     if pid is None:

@@ -1,5 +1,7 @@
 """How the CLI talks to a running mount daemon: read-only attributes on the mount's root."""
 
+import os
+
 STATUS_XATTR = "user.s3mount.status"  # the daemon's status, as JSON
 INVALIDATE_XATTR = "user.s3mount.invalidate"  # set on a path: drop what is cached below it
 SYNC_XATTR = "user.s3mount.sync"  # read on the root: returns once everything is uploaded
@@ -14,3 +16,23 @@ INFO_XATTRS = {
     "s3.content_type": "content_type",
     "s3.url": "",
 }
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` still runs. An exited daemon stays a zombie until init reaps
+    it, which some inits (containers, microVMs) do only every few seconds: that counts as
+    gone, but only once every thread has exited (the main thread can be a zombie while the
+    others still hold the /dev/fuse descriptor)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state not in (b"Z", b"X"):
+            return True
+    return False

@@ -56,9 +56,11 @@ class MountConfig:
 
 
 def clear_stale_mount(mountpoint: str) -> None:
-    """A dead FUSE daemon leaves 'Transport endpoint is not connected': unmount it."""
+    """A dead FUSE daemon leaves 'Transport endpoint is not connected': unmount it.
+    statvfs, because the kernel answers a stat from its attribute cache for a while after
+    the daemon died, and always asks the daemon for statfs."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise MountError(f"{mountpoint}: {os.strerror(exc.errno or errno.EIO)}") from None

@@ -20,7 +20,13 @@ from typing import Any
 import platformdirs
 
 from s3mount import config
-from s3mount.control import INVALIDATE_XATTR, NO_WAIT_XATTR, STATUS_XATTR, SYNC_XATTR
+from s3mount.control import (
+    INVALIDATE_XATTR,
+    NO_WAIT_XATTR,
+    STATUS_XATTR,
+    SYNC_XATTR,
+    process_running,
+)
 from s3mount.notify import JournalFormatter, stderr_is_journal
 from s3mount.storage import MiB, TransferSettings
 
@@ -357,9 +363,7 @@ def cmd_unmount(args: argparse.Namespace, _st: None) -> int:
         return EXIT_FAILED
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_running(pid):
             return EXIT_OK
         time.sleep(0.05)
     print(

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # bench/ is not an installed package
 from bench.latencyproxy import LatencyProxy  # noqa: E402
 from bench.tools import is_mounted, mounted_paths  # noqa: E402
 from bench.workloads import WORKLOAD_NAMES  # noqa: E402
+from s3mount.control import process_running  # noqa: E402
 
 T = TypeVar("T")
 
@@ -43,20 +44,10 @@ def harness(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purpose
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def nothing_left(tmp_path: Path, pids: list[int]) -> None:
     assert not [m for m in mounted_paths() if m.startswith(str(tmp_path))]
     for pid in pids:
-        assert not alive(pid), f"pid {pid} still runs"
+        assert not process_running(pid), f"pid {pid} still runs"
     for proc in Path("/proc").iterdir():  # no daemon still serving a mount point of ours
         if proc.name.isdigit():
             try:

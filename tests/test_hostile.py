@@ -26,6 +26,7 @@ from pathlib import Path
 import urllib3
 from conftest import Mount, s3_bytes, s3_keys
 
+from s3mount.control import process_running
 from s3mount.storage import Storage
 
 MiB = 1024 * 1024
@@ -69,7 +70,7 @@ def create(path: Path | bytes, data: bytes = b"") -> None:
 def assert_alive(m: Mount) -> None:
     status = m.status()
     assert status["pid"] == m.pid, f"the daemon changed: {status}{log_tail(m)}"
-    os.kill(m.pid, 0)
+    assert process_running(m.pid)
     os.listdir(m.path)
 
 

@@ -15,20 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, append_line, run_cli, s3_bytes, s3_keys, sent_between
+from conftest import Mount, append_line, run_cli, s3_bytes, s3_keys, sent_between, wait_gone
 from faultproxy import FaultProxy
 
 
 def kill_daemon(m: Mount) -> None:
     assert m.pid
     os.kill(m.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(m.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
+    wait_gone(m.pid, timeout=10)
     m.pid = None
 
 
