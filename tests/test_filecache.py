@@ -374,22 +374,26 @@ def resident_bytes(path: str) -> int:
     return int(out.strip())
 
 
-@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux's fincore")
-def test_released_pages_leave_the_page_cache_and_keep_their_bytes(tmp_path: Path) -> None:
-    # A streamed upload releases what it has sent: the first call starts the write-back,
-    # a later one drops the pages, now clean.  The bytes stay in the file.
-    data = os.urandom(8 * MiB)
-
-    async def fetch(start: int, length: int, etag: str | None) -> bytes:
-        raise AssertionError("nothing is fetched")
-
-    probe = tmp_path / "probe"
-    probe.write_bytes(data[:MiB])
+def skip_unless_fadvise_drops_pages(directory: Path) -> None:
+    if shutil.which("fincore") is None:
+        pytest.skip("needs util-linux's fincore")
+    probe = directory / "probe"
+    probe.write_bytes(bytes(MiB))
     with open(probe, "rb") as f:
         os.fdatasync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if resident_bytes(str(probe)) == MiB:  # tmpfs, for one
         pytest.skip("this file system keeps its pages whatever fadvise says")
+
+
+def test_released_pages_leave_the_page_cache_and_keep_their_bytes(tmp_path: Path) -> None:
+    # A streamed upload releases what it has sent: the first call starts the write-back,
+    # a later one drops the pages, now clean.  The bytes stay in the file.
+    skip_unless_fadvise_drops_pages(tmp_path)
+    data = os.urandom(8 * MiB)
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        raise AssertionError("nothing is fetched")
 
     async def main() -> None:
         cf = cached_file(tmp_path, b"", fetch)
@@ -405,3 +409,37 @@ def test_released_pages_leave_the_page_cache_and_keep_their_bytes(tmp_path: Path
             cf.close()
 
     trio.run(main)
+
+
+def test_a_whole_file_fetch_keeps_about_one_part_in_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each part stored lets the kernel drop the parts stored before it, once written back:
+    the fetch reuses pages instead of taking the file's size in new ones.  One part at a
+    time here, each GET after the file's write-back, so that nothing depends on timing."""
+    skip_unless_fadvise_drops_pages(tmp_path)
+    monkeypatch.setattr(filecache, "FETCH_ALL_PARTS", 1)
+    monkeypatch.setattr(filecache, "FETCH_ALL_HELD", 1)
+    data = os.urandom(4 * filecache.FETCH_PART)
+    cf = cached_file(tmp_path, data, lambda *_: None)  # its fetcher is set below
+
+    async def fetch(start: int, length: int, etag: str | None) -> bytes:
+        os.fdatasync(cf.fd)  # what was stored before this GET is clean now
+        return data[start : start + length]
+
+    async def main() -> None:
+        cf._fetch = fetch
+        cf.open_count = 1
+        async with trio.open_nursery() as nursery:
+            spawn = nursery.start_soon
+            assert await cf.read(5 * MiB, 4096, spawn=spawn) == data[5 * MiB :][:4096]
+            # a backward jump starts the whole-file fetch, which the nursery waits for
+            assert await cf.read(3 * MiB, 4096, spawn=spawn, random=True) == data[3 * MiB :][:4096]
+        assert len(cf.present) == len(data) // MiB
+
+    try:
+        trio.run(main)
+        assert resident_bytes(cf.path) <= filecache.FETCH_PART + MiB
+        assert os.pread(cf.fd, len(data), 0) == data
+    finally:
+        cf.close()

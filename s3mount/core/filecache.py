@@ -212,10 +212,11 @@ class CachedFile:
     async def release_pages(self, end: int) -> None:
         """Start writing bytes [0, end) of the local file back to disk and let the kernel drop
         those already written (``POSIX_FADV_DONTNEED`` drops clean pages only, so no byte is
-        lost): a streamed upload has sent them and no one reads them from here soon.  The
-        next writes then reuse the freed pages instead of taking new ones; on the benchmark
-        VM, 1 GiB written into new page-cache pages cost 2.2 s of kernel CPU, 0.3-0.4 s
-        this way (docs/benchmarks.md, "The machine")."""
+        lost): after a streamed upload sent them, or a whole-file fetch stored them (its
+        reads are random, and the kernel caches what the program reads on the mount's side).
+        The next writes then reuse the freed pages instead of taking new ones; on the
+        benchmark VM, 1 GiB written into new page-cache pages cost 2.2 s of kernel CPU,
+        0.3-0.4 s this way (docs/benchmarks.md, "The machine")."""
         if self.closed or end <= 0:
             return
         try:
@@ -371,6 +372,7 @@ class CachedFile:
                     transfers.release()
                 while not self.closed and (held := self._held_unstored(start, end)):
                     await self._store_held(held)
+                await self.release_pages(end)
             finally:
                 in_memory.release()
 
