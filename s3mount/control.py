@@ -31,7 +31,7 @@ def process_running(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
+        except (FileNotFoundError, ProcessLookupError, IndexError):  # exited meanwhile
             continue
         if state not in (b"Z", b"X"):
             return True

@@ -6,11 +6,14 @@ import errno
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import Mount, run_cli, wait_gone
 
+from s3mount.control import process_running
 from s3mount.storage import Storage
 
 
@@ -107,3 +110,23 @@ def test_no_credentials_in_logs_or_process_title_and_safe_defaults(
         st = os.stat(path)
         assert st.st_uid == os.getuid()
         assert st.st_mode & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_an_exited_process_counts_as_gone_before_it_is_reaped() -> None:
+    # What `s3mount unmount` waits for: a daemon that has exited is gone, even while it is a
+    # zombie that init (here: this test, its parent) has not reaped yet.
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        assert process_running(child.pid)
+        child.stdin.close()  # it exits; nobody waits for it yet
+        deadline = time.monotonic() + 10
+        while process_running(child.pid):
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # not reaped: a zombie
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_running(child.pid)
